@@ -1,0 +1,161 @@
+"""Settings for ponybot, read from the environment and `.env` with pydantic-settings.
+
+Every field here is documented in `.env.example` and the README. Names are `PONY_*` except the
+Discord ones, which carry their conventional `DISCORD_*` names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from generator.config import GeneratorConfig
+from generator.samplers import SAMPLER_NAMES
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    """All runtime settings. Construct with `load_settings()` to get friendly errors."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # --- Discord -------------------------------------------------------------------------------
+    discord_token: SecretStr | None = Field(None, validation_alias=_env("DISCORD_TOKEN"))
+    discord_api_base: str = Field("https://discord.com", validation_alias=_env("DISCORD_API_BASE"))
+    discord_gateway_url: str = Field(
+        "wss://gateway.discord.gg", validation_alias=_env("DISCORD_GATEWAY_URL")
+    )
+    discord_guild_id: int | None = Field(None, validation_alias=_env("DISCORD_GUILD_ID"))
+
+    # --- Storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), validation_alias=_env("PONY_DATA_DIR"))
+    db: Path | None = Field(None, validation_alias=_env("PONY_DB"))
+
+    # --- Model ---------------------------------------------------------------------------------
+    model: str = Field("AstraliteHeart/pony-diffusion", validation_alias=_env("PONY_MODEL"))
+    model_revision: str | None = Field("fp16", validation_alias=_env("PONY_MODEL_REVISION"))
+    model_variant: str | None = Field(None, validation_alias=_env("PONY_MODEL_VARIANT"))
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", validation_alias=_env("PONY_DEVICE"))
+    upscaler: Path | None = Field(None, validation_alias=_env("PONY_UPSCALER"))
+    compile: bool = Field(True, validation_alias=_env("PONY_COMPILE"))
+
+    # --- Generation defaults and limits --------------------------------------------------------
+    default_sampler: str = Field("DDIM", validation_alias=_env("PONY_DEFAULT_SAMPLER"))
+    default_steps: int = Field(25, ge=1, le=150, validation_alias=_env("PONY_DEFAULT_STEPS"))
+    max_steps: int = Field(50, ge=1, le=150, validation_alias=_env("PONY_MAX_STEPS"))
+    default_guidance: float = Field(7.0, ge=1.0, le=30.0, validation_alias=_env("PONY_DEFAULT_GUIDANCE"))
+    default_count: int = Field(4, ge=1, le=4, validation_alias=_env("PONY_DEFAULT_COUNT"))
+    max_pixels: int = Field(768 * 768, ge=64 * 64, validation_alias=_env("PONY_MAX_PIXELS"))
+    variation_strength: float = Field(0.6, gt=0.0, le=1.0, validation_alias=_env("PONY_VARIATION_STRENGTH"))
+    hires_strength: float = Field(0.35, gt=0.0, le=1.0, validation_alias=_env("PONY_HIRES_STRENGTH"))
+    default_negative: str = Field(
+        "nsfw, nude, lowres, bad anatomy, worst quality, low quality",
+        validation_alias=_env("PONY_DEFAULT_NEGATIVE"),
+    )
+    nsfw_default_negative: str = Field(
+        "lowres, bad anatomy, worst quality, low quality",
+        validation_alias=_env("PONY_NSFW_DEFAULT_NEGATIVE"),
+    )
+    blocked_terms: str = Field("", validation_alias=_env("PONY_BLOCKED_TERMS"))
+
+    # --- Queue ---------------------------------------------------------------------------------
+    max_open_jobs_per_user: int = Field(3, ge=1, validation_alias=_env("PONY_MAX_OPEN_JOBS_PER_USER"))
+    max_queue: int = Field(100, ge=1, validation_alias=_env("PONY_MAX_QUEUE"))
+    cooldown_s: float = Field(3.0, ge=0, validation_alias=_env("PONY_COOLDOWN_S"))
+    max_attempts: int = Field(3, ge=1, validation_alias=_env("PONY_MAX_ATTEMPTS"))
+    lease_s: float = Field(120.0, gt=0, validation_alias=_env("PONY_LEASE_S"))
+    retry_backoff_s: float = Field(5.0, ge=0, validation_alias=_env("PONY_RETRY_BACKOFF_S"))
+    job_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("PONY_JOB_TIMEOUT_S"))
+    batch_size: int = Field(4, ge=1, le=16, validation_alias=_env("PONY_BATCH_SIZE"))
+
+    # --- Operations ----------------------------------------------------------------------------
+    metrics_port: int | None = Field(None, ge=1, le=65535, validation_alias=_env("PONY_METRICS_PORT"))
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("PONY_METRICS_HOST"))
+    log_json: bool = Field(False, validation_alias=_env("PONY_LOG_JSON"))
+    log_level: str = Field("INFO", validation_alias=_env("PONY_LOG_LEVEL"))
+    retention_days: float = Field(30.0, gt=0, validation_alias=_env("PONY_RETENTION_DAYS"))
+    retention_max_gb: float = Field(20.0, gt=0, validation_alias=_env("PONY_RETENTION_MAX_GB"))
+
+    @field_validator("default_sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        if value not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler; choose one of: {', '.join(SAMPLER_NAMES)}")
+        return value
+
+    @field_validator("discord_api_base", "discord_gateway_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a URL such as https://discord.com")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> Settings:
+        if self.default_steps > self.max_steps:
+            raise ValueError("PONY_DEFAULT_STEPS must not exceed PONY_MAX_STEPS")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file: `PONY_DB`, or `jobs.sqlite3` inside the data folder."""
+        return self.db if self.db is not None else self.data_dir / "jobs.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        """Where generated PNGs are written."""
+        return self.data_dir / "images"
+
+    @property
+    def blocked_term_list(self) -> list[str]:
+        """`PONY_BLOCKED_TERMS` split on commas, blanks dropped."""
+        return [t.strip() for t in self.blocked_terms.split(",") if t.strip()]
+
+    def generator_config(self) -> GeneratorConfig:
+        """The subset the Discord-free generator needs."""
+        return GeneratorConfig(
+            model=self.model,
+            revision=self.model_revision,
+            variant=self.model_variant,
+            device=self.device,
+            upscaler=self.upscaler,
+            compile=self.compile,
+            max_pixels=self.max_pixels,
+            max_steps=self.max_steps,
+            variation_strength=self.variation_strength,
+            hires_strength=self.hires_strength,
+        )
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+def _env_name(loc: tuple) -> str:
+    field = str(loc[0]) if loc else ""
+    info = Settings.model_fields.get(field)
+    alias = getattr(info, "validation_alias", None) if info else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return field.upper() or "settings"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; raise `SettingsError` with one line naming the first bad setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = _env_name(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if name == "DISCORD_TOKEN" or isinstance(given, dict) else f" (got {given!r})"
+        raise SettingsError(f"Invalid setting {name}: {msg}{shown}") from None

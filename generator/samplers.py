@@ -1,0 +1,14 @@
+"""Sampler names as A1111 users know them (the scheduler mapping lives in `generator.schedulers`)."""
+
+from __future__ import annotations
+
+#: offered in `/pony` and `ponybot generate`; the first is the default (the model card's DDIM)
+SAMPLER_NAMES: tuple[str, ...] = (
+    "DDIM",
+    "Euler a",
+    "Euler",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "UniPC",
+    "LMS",
+)
