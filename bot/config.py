@@ -24,15 +24,17 @@ class Settings(BaseSettings):
     """All runtime settings. Construct with `load_settings()` to get friendly errors."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     # --- Discord -------------------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, validation_alias=_env("DISCORD_TOKEN"))
     discord_api_base: str = Field("https://discord.com", validation_alias=_env("DISCORD_API_BASE"))
-    discord_gateway_url: str = Field(
-        "wss://gateway.discord.gg", validation_alias=_env("DISCORD_GATEWAY_URL")
-    )
+    discord_gateway_url: str = Field("wss://gateway.discord.gg", validation_alias=_env("DISCORD_GATEWAY_URL"))
     discord_guild_id: int | None = Field(None, validation_alias=_env("DISCORD_GUILD_ID"))
 
     # --- Storage -------------------------------------------------------------------------------
@@ -53,6 +55,9 @@ class Settings(BaseSettings):
     max_steps: int = Field(50, ge=1, le=150, validation_alias=_env("PONY_MAX_STEPS"))
     default_guidance: float = Field(7.0, ge=1.0, le=30.0, validation_alias=_env("PONY_DEFAULT_GUIDANCE"))
     default_count: int = Field(4, ge=1, le=4, validation_alias=_env("PONY_DEFAULT_COUNT"))
+    base_resolution: int = Field(
+        512, ge=64, le=2048, multiple_of=64, validation_alias=_env("PONY_BASE_RESOLUTION")
+    )
     max_pixels: int = Field(768 * 768, ge=64 * 64, validation_alias=_env("PONY_MAX_PIXELS"))
     variation_strength: float = Field(0.6, gt=0.0, le=1.0, validation_alias=_env("PONY_VARIATION_STRENGTH"))
     hires_strength: float = Field(0.35, gt=0.0, le=1.0, validation_alias=_env("PONY_HIRES_STRENGTH"))
@@ -154,8 +159,11 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = _env_name(tuple(err.get("loc", ())))
+        loc = tuple(err.get("loc", ()))
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if not loc:
+            raise SettingsError(f"Invalid settings: {msg}") from None
+        name = _env_name(loc)
         given = err.get("input")
         shown = "" if name == "DISCORD_TOKEN" or isinstance(given, dict) else f" (got {given!r})"
         raise SettingsError(f"Invalid setting {name}: {msg}{shown}") from None

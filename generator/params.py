@@ -93,3 +93,19 @@ def validate(params: GenerationParams, *, max_pixels: int, max_steps: int) -> Ge
     if params.sampler not in SAMPLER_NAMES:
         raise InvalidParams(f"Unknown sampler {params.sampler!r}; choose one of: {', '.join(SAMPLER_NAMES)}.")
     return params
+
+
+def aspect_size(aspect: str, base_resolution: int = 512) -> tuple[int, int]:
+    """(width, height) of an aspect choice, scaled from the 512 table to `base_resolution`.
+
+    Sizes stay multiples of 64 (at least 64). Raises InvalidParams for an unknown aspect.
+    """
+    if aspect not in ASPECTS:
+        raise InvalidParams(f"Unknown aspect {aspect!r}; choose one of: {', '.join(ASPECTS)}.")
+    width, height = ASPECTS[aspect]
+    scale = base_resolution / 512
+
+    def snap(value: int) -> int:
+        return max(64, round(value * scale / 64) * 64)
+
+    return snap(width), snap(height)

@@ -33,7 +33,8 @@ CREATE TABLE jobs (
 
 CREATE INDEX jobs_status ON jobs(status, id);
 CREATE INDEX jobs_user_open ON jobs(user_id, status);
-CREATE INDEX jobs_pick ON jobs(guild_id, user_id, status, not_before, id);
+-- claim: a waiting user's oldest eligible job, read in id order (cost independent of backlog size).
+CREATE INDEX jobs_pick ON jobs(guild_id, user_id, id, not_before) WHERE status = 'queued';
 CREATE INDEX jobs_lease ON jobs(lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_finished ON jobs(finished_at);
 CREATE INDEX jobs_parent ON jobs(parent_id);
@@ -57,12 +58,15 @@ CREATE TABLE queue_users (
 );
 CREATE INDEX queue_users_waiting ON queue_users(guild_id, last_served_at) WHERE queued > 0;
 
+-- A new job also stamps the user's last_enqueued_at (the enqueue cooldown reads it).
 CREATE TRIGGER jobs_queued_insert AFTER INSERT ON jobs WHEN NEW.status = 'queued'
 BEGIN
     INSERT INTO queue_guilds(guild_id, queued) VALUES (NEW.guild_id, 1)
         ON CONFLICT(guild_id) DO UPDATE SET queued = queued + 1;
-    INSERT INTO queue_users(guild_id, user_id, queued) VALUES (NEW.guild_id, NEW.user_id, 1)
-        ON CONFLICT(guild_id, user_id) DO UPDATE SET queued = queued + 1;
+    INSERT INTO queue_users(guild_id, user_id, queued, last_enqueued_at)
+        VALUES (NEW.guild_id, NEW.user_id, 1, NEW.created_at)
+        ON CONFLICT(guild_id, user_id) DO UPDATE
+        SET queued = queued + 1, last_enqueued_at = max(last_enqueued_at, excluded.last_enqueued_at);
 END;
 
 CREATE TRIGGER jobs_queued_leave AFTER UPDATE OF status ON jobs

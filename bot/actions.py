@@ -1,0 +1,238 @@
+"""What users can do: submit a /pony job and press the buttons on its messages.
+
+Shared by the slash commands and the persistent buttons. Every refusal is a short ephemeral
+message; nothing here raises to the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot.messages import format_duration
+from bot.permissions import missing_permissions
+from bot.queue import Job, JobKind, JobStatus, QueueFull
+from bot.text import clean_prompt
+from generator.errors import InvalidParams
+from generator.params import GenerationParams, aspect_size, random_seed, validate
+
+if TYPE_CHECKING:
+    from bot.app import PonyBot
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):
+    """A request refused with a short, user-facing reason."""
+
+
+class JobActions:
+    """Use cases behind /pony and the buttons."""
+
+    def __init__(self, bot: PonyBot):
+        self.bot = bot
+
+    # --- /pony --------------------------------------------------------------------------------
+
+    def build_params(
+        self,
+        *,
+        prompt: str,
+        negative: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        count: int | None = None,
+        aspect: str | None = None,
+        sampler: str | None = None,
+    ) -> GenerationParams:
+        """Fill defaults from settings, clean the text and validate; raises InvalidParams."""
+        s = self.bot.settings
+        width, height = aspect_size(aspect or "square", s.base_resolution)
+        params = GenerationParams(
+            prompt=clean_prompt(prompt),
+            negative=clean_prompt(negative or ""),
+            seed=random_seed() if seed is None else seed,
+            steps=s.default_steps if steps is None else steps,
+            guidance=s.default_guidance if guidance is None else guidance,
+            width=width,
+            height=height,
+            count=s.default_count if count is None else count,
+            sampler=sampler or s.default_sampler,
+        )
+        return validate(params, max_pixels=s.max_pixels, max_steps=s.max_steps)
+
+    async def pony(self, interaction: discord.Interaction, **options: object) -> None:
+        """/pony: defer, validate, enqueue, announce."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            params = self.build_params(**options)  # type: ignore[arg-type]
+            params = await self.bot.guard.check_request(interaction, params)
+        except (InvalidParams, Refusal) as exc:
+            await self._tell(interaction, str(exc))
+            return
+        await self._submit(interaction, kind=JobKind.TXT2IMG, params=params)
+
+    # --- buttons ------------------------------------------------------------------------------
+
+    async def on_button(
+        self, interaction: discord.Interaction, action: str, job_id: int, index: int | None
+    ) -> None:
+        """Dispatch a persistent button press."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job = await self.bot.queue.get(job_id)
+        if job is None or job.channel_id != interaction.channel_id:
+            await self._tell(interaction, "That job no longer exists.")
+            return
+        try:
+            match action:
+                case "cancel":
+                    await self._cancel(interaction, job)
+                case "del":
+                    await self._delete(interaction, job)
+                case "reroll":
+                    await self._reroll(interaction, job)
+                case "up" | "var":
+                    await self._from_image(interaction, job, action, index or 1)
+        except Refusal as exc:
+            await self._tell(interaction, str(exc))
+
+    async def _cancel(self, interaction: discord.Interaction, job: Job) -> None:
+        if interaction.user.id != job.user_id:
+            raise Refusal("Only the person who asked for this job can cancel it.")
+        outcome = await self.bot.queue.cancel(job.id)
+        if outcome == "cancelled":
+            cancelled = await self.bot.queue.get(job.id)
+            if cancelled is not None:
+                await self.bot.delivery.report_failure(cancelled)
+            await self._tell(interaction, f"Job #{job.id} cancelled.")
+        elif outcome == "requested":
+            self.bot.worker.request_cancel(job.id)
+            await self._tell(interaction, f"Stopping job #{job.id}…")
+        else:
+            await self._tell(interaction, f"Job #{job.id} has already finished.")
+
+    async def _delete(self, interaction: discord.Interaction, job: Job) -> None:
+        perms = interaction.permissions
+        if interaction.user.id != job.user_id and not perms.manage_messages:
+            raise Refusal("Only the requester or a moderator can delete this.")
+        if interaction.message is not None:
+            try:
+                await interaction.message.delete()
+            except discord.NotFound:
+                pass
+            except discord.Forbidden:
+                raise Refusal("I can't delete that message here.") from None
+        log.info("result deleted", extra={"job_id": job.id, "user_id": interaction.user.id})
+        await self._tell(interaction, "Deleted.")
+
+    async def _reroll(self, interaction: discord.Interaction, job: Job) -> None:
+        if job.kind == JobKind.UPSCALE:
+            raise Refusal("An upscale can't be rerolled.")
+        params = GenerationParams.from_dict(job.params).with_seed(random_seed())
+        params = await self.bot.guard.check_request(interaction, params)
+        if job.kind == JobKind.VARIATION:
+            await self._submit(
+                interaction,
+                kind=JobKind.VARIATION,
+                params=params,
+                parent_id=job.parent_id,
+                image_index=job.image_index,
+                reply_to=interaction.message,
+            )
+        else:
+            await self._submit(
+                interaction,
+                kind=JobKind.TXT2IMG,
+                params=params,
+                parent_id=job.id,
+                reply_to=interaction.message,
+            )
+
+    async def _from_image(self, interaction: discord.Interaction, job: Job, action: str, number: int) -> None:
+        if job.status != JobStatus.DONE:
+            raise Refusal("That job has no finished images.")
+        if not 1 <= number <= len(job.seeds):
+            raise Refusal("There is no such image on that job.")
+        base = GenerationParams.from_dict(job.params)
+        base = await self.bot.guard.check_request(interaction, base)
+        if action == "up":
+            kind, params = JobKind.UPSCALE, base.single(number - 1)
+        else:
+            kind, params = JobKind.VARIATION, replace(base.with_seed(random_seed()), count=base.count)
+        await self._submit(
+            interaction,
+            kind=kind,
+            params=params,
+            parent_id=job.id,
+            image_index=number - 1,
+            reply_to=interaction.message,
+        )
+
+    # --- shared -------------------------------------------------------------------------------
+
+    async def _submit(
+        self,
+        interaction: discord.Interaction,
+        *,
+        kind: JobKind,
+        params: GenerationParams,
+        parent_id: int | None = None,
+        image_index: int | None = None,
+        reply_to: discord.Message | None = None,
+    ) -> None:
+        missing = missing_permissions(interaction.app_permissions)
+        if missing:
+            await self._tell(
+                interaction, f"I can't post results here: I'm missing {', '.join(missing)} in this channel."
+            )
+            return
+        queue = self.bot.queue
+        try:
+            job, created = await queue.enqueue(
+                kind=kind,
+                params=params.to_dict(),
+                channel_id=interaction.channel_id,
+                user_id=interaction.user.id,
+                guild_id=interaction.guild_id or 0,
+                interaction_id=interaction.id,
+                parent_id=parent_id,
+                image_index=image_index,
+                reply_to_message_id=reply_to.id if reply_to is not None else None,
+                cost=params.steps * params.count,
+            )
+        except QueueFull as exc:
+            await self._tell(interaction, exc.reason)
+            return
+        except sqlite3.OperationalError as exc:
+            log.error("enqueue failed: %s", exc)
+            await self._tell(
+                interaction, "The queue is busy right now; nothing was queued. Try again in a moment."
+            )
+            return
+        position = await queue.position(job.id)
+        eta = await queue.eta_seconds(job.id)
+        if created:
+            log.info("job queued", extra={"job_id": job.id, "user_id": job.user_id, "status": "queued"})
+            try:
+                await self.bot.delivery.post_status(job, position, eta)
+            except discord.HTTPException as exc:
+                log.warning("could not post status for job %s: %s", job.id, exc)
+            self.bot.worker.wake()
+        where = f"position {position}" if position else "starting now"
+        unavailable = self.bot.engine_notice()
+        await self._tell(
+            interaction,
+            f"Queued as job #{job.id}: {where}, about {format_duration(eta)}."
+            + (f"\n{unavailable}" if unavailable else ""),
+        )
+
+    async def _tell(self, interaction: discord.Interaction, text: str) -> None:
+        try:
+            await interaction.followup.send(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("could not answer interaction: %s", exc)

@@ -1,0 +1,149 @@
+"""The bot process: Discord client, slash commands, persistent buttons, worker and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+import discord
+import yarl
+from discord import app_commands
+
+from bot.actions import JobActions
+from bot.buttons import CUSTOM_ID_PREFIX, JobButton, parse_custom_id
+from bot.commands import pony_command
+from bot.config import Settings
+from bot.delivery import Delivery
+from bot.engine import Engine, EngineState
+from bot.guard import Guard
+from bot.queue import JobQueue, QueueLimits
+from bot.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def point_discord_at(api_base: str, gateway_url: str) -> None:
+    """Send REST and gateway traffic to `api_base` / `gateway_url` (a local Discord in tests)."""
+    discord.http.Route.BASE = f"{api_base.rstrip('/')}/api/v10"
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class PonyBot(discord.Client):
+    """ponybot's Discord client; owns the queue, engine, worker and delivery."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, engine: Engine):
+        intents = discord.Intents.default()
+        intents.message_content = False
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        self.settings = settings
+        self.queue = queue
+        self.engine = engine
+        self.tree = app_commands.CommandTree(self)
+        self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
+        self.actions = JobActions(self)
+        self.guard = Guard(settings)
+        self.delivery = Delivery(self, queue, settings.images_dir)
+        self.worker = Worker(
+            queue,
+            engine,
+            self.delivery,
+            images_dir=settings.images_dir,
+            batch_size=settings.batch_size,
+            job_timeout_s=settings.job_timeout_s,
+            lease_s=settings.lease_s,
+        )
+
+    async def setup_hook(self) -> None:
+        """Register persistent buttons and commands, sync them, start the model and the worker."""
+        self.add_dynamic_items(JobButton)
+        self.tree.add_command(pony_command(self.settings))
+        if self.settings.discord_guild_id:
+            guild = discord.Object(id=self.settings.discord_guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+        else:
+            synced = await self.tree.sync()
+        log.info("synced %d slash commands", len(synced))
+        self.engine.start_loading()
+        self.worker.start()
+
+    async def on_ready(self) -> None:
+        log.info(
+            "logged in as %s (%s) in %d guilds", self.user, getattr(self.user, "id", "?"), len(self.guilds)
+        )
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Answer forged or stale ponybot buttons that no DynamicItem matched."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if custom_id.startswith(CUSTOM_ID_PREFIX) and parse_custom_id(custom_id) is None:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.response.send_message("That button isn't valid.", ephemeral=True)
+
+    async def _on_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        log.error("command failed", exc_info=error)
+        text = "Something went wrong on my side; nothing was queued."
+        with contextlib.suppress(discord.HTTPException):
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+
+    def engine_notice(self) -> str | None:
+        """A note for the requester when the generator is not ready."""
+        if self.engine.state is EngineState.LOADING:
+            return "The model is still loading; your job will start as soon as it is ready."
+        if self.engine.state is EngineState.FAILED:
+            return "The generator is unavailable right now; your job is kept in the queue."
+        return None
+
+    async def shutdown(self) -> None:
+        """Finish or put back the running job, then disconnect."""
+        log.info("shutting down")
+        await self.worker.stop()
+        await self.close()
+        self.engine.shutdown()
+
+
+async def run_bot(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    stop: asyncio.Event | None = None,
+    started: Callable[[PonyBot], None] | None = None,
+) -> None:
+    """Run ponybot until SIGINT/SIGTERM (or `stop` is set); `started` gets the bot once built."""
+    if settings.discord_token is None:
+        raise SystemExit("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).")
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    queue = await JobQueue.open(settings.db_path, QueueLimits.from_settings(settings))
+    engine = Engine(settings.generator_config())
+    bot = PonyBot(settings, queue, engine)
+    if started is not None:
+        started(bot)
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with bot:
+            runner = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if runner in done:
+                stopper.cancel()
+                runner.result()  # login failures surface here
+            else:
+                await bot.shutdown()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+    finally:
+        await queue.close()

@@ -1,0 +1,58 @@
+"""Slash commands. Limits are declared in the command schema and checked again server-side.
+
+No `from __future__ import annotations` here: discord.py reads the parameter annotations at
+definition time, and the step limit comes from settings.
+"""
+
+import discord
+from discord import app_commands
+
+from bot.config import Settings
+from generator.params import ASPECTS, MAX_COUNT, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MIN_GUIDANCE
+from generator.samplers import SAMPLER_NAMES
+
+
+def pony_command(settings: Settings) -> app_commands.Command:
+    """Build `/pony` with limits taken from settings."""
+    max_steps = settings.max_steps
+
+    @app_commands.command(name="pony", description="Draw a picture with pony-diffusion")
+    @app_commands.describe(
+        prompt="What to draw; (word:1.2) gives weight",
+        negative="What to avoid",
+        seed="Seed for a reproducible picture (random when empty)",
+        steps=f"Denoising steps (1-{max_steps}, default {settings.default_steps})",
+        guidance=f"How closely to follow the prompt (default {settings.default_guidance:g})",
+        count=f"Number of images (1-{MAX_COUNT}, default {settings.default_count})",
+        aspect="Picture shape",
+        sampler=f"Sampler (default {settings.default_sampler})",
+    )
+    @app_commands.choices(
+        aspect=[app_commands.Choice(name=f"{k} ({w}x{h})", value=k) for k, (w, h) in ASPECTS.items()],
+        sampler=[app_commands.Choice(name=n, value=n) for n in SAMPLER_NAMES],
+    )
+    @app_commands.guild_only()
+    async def pony(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
+        negative: app_commands.Range[str, 0, MAX_PROMPT_CHARS] | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        steps: app_commands.Range[int, 1, max_steps] | None = None,
+        guidance: app_commands.Range[float, MIN_GUIDANCE, MAX_GUIDANCE] | None = None,
+        count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
+        aspect: str | None = None,
+        sampler: str | None = None,
+    ) -> None:
+        await interaction.client.actions.pony(  # type: ignore[attr-defined]
+            interaction,
+            prompt=prompt,
+            negative=negative,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            count=count,
+            aspect=aspect,
+            sampler=sampler,
+        )
+
+    return pony

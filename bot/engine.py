@@ -1,0 +1,134 @@
+"""The generator's home inside the bot: one dedicated thread that owns the model.
+
+All GPU work runs in that single thread, so the event loop (and the gateway heartbeat) never
+stalls. The model loads in the background at start-up; jobs wait in the queue meanwhile. This
+module imports the generator lazily, inside the thread, so `bot/` never imports torch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from generator.config import GeneratorConfig
+from generator.errors import GeneratorError, ModelLoadError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineState(enum.StrEnum):
+    """Where the model is in its life."""
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class GeneratorUnavailable(GeneratorError):
+    """The model is not loaded (still loading, or failed to load)."""
+
+    retryable = True
+
+
+class Engine:
+    """Runs generator calls one at a time in the GPU thread."""
+
+    def __init__(self, config: GeneratorConfig, loader: Callable[[GeneratorConfig], Any] | None = None):
+        self.config = config
+        self._loader = loader
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponybot-gpu")
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.generator: Any = None
+        self.load_seconds: float | None = None
+        self._ready = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        #: the thread id of the GPU thread, for instrumentation
+        self.gpu_thread_ident: int | None = None
+
+    def start_loading(self) -> asyncio.Task[None]:
+        """Begin loading the model in the GPU thread; returns the task (never raises)."""
+        if self._load_task is None:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+        return self._load_task
+
+    def _load_in_thread(self) -> Any:
+        self.gpu_thread_ident = threading.get_ident()
+        if self._loader is not None:
+            return self._loader(self.config)
+        from generator.pipeline import Generator  # lazy: keeps torch out of the bot's import graph
+
+        return Generator.load(self.config)
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            self.generator = await loop.run_in_executor(self._executor, self._load_in_thread)
+        except ModelLoadError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a model that cannot load must not take the bot down
+            log.exception("model load crashed")
+            self._fail(f"Could not load model {self.config.model!r}: {exc}")
+        else:
+            self.load_seconds = time.perf_counter() - started
+            self.state = EngineState.READY
+            log.info("model ready in %.1f s on %s", self.load_seconds, self.describe())
+        finally:
+            self._ready.set()
+
+    def _fail(self, message: str) -> None:
+        self.state = EngineState.FAILED
+        self.error = message
+        log.error("generator unavailable: %s", message)
+
+    async def wait_loaded(self) -> bool:
+        """Wait until loading ended; True when the model is usable."""
+        await self._ready.wait()
+        return self.state is EngineState.READY
+
+    def describe(self) -> str:
+        """One line: model, device and dtype (or the state)."""
+        gen = self.generator
+        if gen is None:
+            return f"{self.config.model} ({self.state.value})"
+        return f"{gen.model_name} on {gen.device} ({gen.dtype_name})"
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `generator.<method>(*args, **kwargs)` in the GPU thread."""
+        if self.state is not EngineState.READY:
+            raise GeneratorUnavailable(
+                "The generator is unavailable right now; your job stays in the queue."
+                if self.state is EngineState.LOADING
+                else f"The generator is unavailable: {self.error}"
+            )
+        fn = functools.partial(getattr(self.generator, method), *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def gpu_memory(self) -> tuple[str, int, int] | None:
+        """(GPU name, bytes in use, total bytes) when on CUDA, else None. Cheap; any thread."""
+        gen = self.generator
+        if gen is None or not str(gen.device).startswith("cuda"):
+            return None
+        import torch  # only reached on a CUDA box, where torch is already loaded
+
+        free, total = torch.cuda.mem_get_info()
+        return torch.cuda.get_device_name(), total - free, total
+
+    def replace_thread(self) -> None:
+        """Abandon a hung GPU thread and start a fresh one for the next job (the watchdog's last resort)."""
+        log.error("GPU thread is hung; abandoning it and starting a fresh one")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponybot-gpu")
+
+    def shutdown(self) -> None:
+        """Stop the GPU thread after the current call."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

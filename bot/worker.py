@@ -1,0 +1,377 @@
+"""The worker: drains the queue through the engine and hands results to delivery.
+
+One loop claims jobs (batched when compatible), runs them in the engine's GPU thread, and hands
+each finished job to a post-processing task: PNG encoding and disk writes (in an I/O thread),
+`mark_generated`, then delivery. The loop claims the next job right away, so the GPU never waits
+for an encode or an upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.engine import Engine, EngineState
+from bot.queue import Job, JobKind, JobQueue, JobStatus
+from generator.errors import Cancelled, GeneratorError
+from generator.params import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class Deliverer(Protocol):
+    """What the worker needs from delivery (bot.delivery.Delivery implements it)."""
+
+    async def job_started(self, job: Job) -> None: ...
+    def progress(self, job: Job, step: int, total: int, preview: Any) -> None: ...
+    async def deliver(self, job: Job) -> None: ...
+    async def report_failure(self, job: Job) -> None: ...
+
+
+class JobTimeout(GeneratorError):
+    """The generation ran past PONY_JOB_TIMEOUT_S and was interrupted."""
+
+    retryable = True
+
+
+@dataclass
+class _Running:
+    job: Job
+    cancel: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+
+
+def new_worker_id() -> str:
+    """A worker id unique to this process run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Claims jobs and runs them; one per bot process."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        engine: Engine,
+        delivery: Deliverer,
+        *,
+        images_dir: Path,
+        batch_size: int = 1,
+        job_timeout_s: float = 600.0,
+        lease_s: float = 120.0,
+        poll_s: float = 1.0,
+        heartbeat: Callable[[], None] | None = None,
+        on_finished: Callable[[Job], Awaitable[None] | None] | None = None,
+    ):
+        self.queue = queue
+        self.engine = engine
+        self.delivery = delivery
+        self.images_dir = images_dir
+        self.batch_size = batch_size
+        self.job_timeout_s = job_timeout_s
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.worker_id = new_worker_id()
+        self.paused = False
+        self.heartbeat = heartbeat or (lambda: None)
+        self.on_finished = on_finished
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._running: dict[int, _Running] = {}
+        self._held: set[int] = set()  # jobs this worker holds a lease on (generating or saving)
+        self._post_tasks: set[asyncio.Task[None]] = set()
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ponybot-io")
+        self._main: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self.current_job_ids: list[int] = []
+        self.state = "starting"
+
+    # --- control ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover left-over jobs and start draining the queue."""
+        self._main = asyncio.get_running_loop().create_task(self._run(), name="ponybot-worker")
+        self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases())
+
+    def wake(self) -> None:
+        """Tell the worker a job may be waiting."""
+        self._wake.set()
+
+    def request_cancel(self, job_id: int) -> None:
+        """Interrupt a running job at its next step (the queue flag is set by the caller)."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancel.set()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop claiming; let the running job finish within `grace_s`, else put it back."""
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._main), grace_s)
+            except TimeoutError:
+                for running in list(self._running.values()):
+                    running.cancel.set()
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(self._main, 10)
+        if self._post_tasks:
+            await asyncio.wait(self._post_tasks, timeout=grace_s)
+        for job_id in list(self._held):
+            await self.queue.release(job_id, self.worker_id)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+        self._io.shutdown(wait=False)
+        self.state = "stopped"
+
+    # --- main loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        report = await self.queue.recover(self.worker_id)
+        if report.requeued or report.dead:
+            log.info("recovered jobs: requeued %s, dead %s", report.requeued, report.dead)
+        for job in await self.queue.get_many(report.dead):
+            await self._safe(self.delivery.report_failure(job))
+        for job in await self.queue.undelivered():
+            self._spawn(self._deliver(job))
+        last_sweep = 0.0
+        while not self._stopping:
+            self.heartbeat()
+            if time.monotonic() - last_sweep > self.lease_s / 4:
+                last_sweep = time.monotonic()
+                await self._safe(self.queue.requeue_expired())
+            if self.paused or self.engine.state is not EngineState.READY:
+                self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
+                await self._idle()
+                continue
+            try:
+                jobs = await self.queue.claim_batch(self.worker_id, self.batch_size)
+            except Exception:
+                log.exception("claim failed; retrying")
+                await self._idle()
+                continue
+            if not jobs:
+                self.state = "idle"
+                await self._idle()
+                continue
+            self.state = "generating"
+            await self._process(jobs)
+        self.state = "stopping"
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.poll_s)
+
+    async def _keep_leases(self) -> None:
+        """Extend leases of held jobs and notice cancel requests made elsewhere."""
+        while True:
+            await asyncio.sleep(max(0.2, min(self.lease_s / 3, 2.0)))
+            for job_id in list(self._held):
+                with contextlib.suppress(Exception):
+                    await self.queue.extend_lease(job_id, self.worker_id)
+            for job_id, running in list(self._running.items()):
+                with contextlib.suppress(Exception):
+                    if await self.queue.is_cancel_requested(job_id):
+                        running.cancel.set()
+
+    # --- one claim ----------------------------------------------------------------------------
+
+    async def _process(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._held.add(job.id)
+            self._running[job.id] = _Running(job)
+            log.info("job started", extra={"job_id": job.id, "user_id": job.user_id, "status": "running"})
+            await self._safe(self.delivery.job_started(job))
+        self.current_job_ids = [j.id for j in jobs]
+        try:
+            results = await self._generate(jobs)
+        except Cancelled:
+            await self._after_cancel(jobs)
+            return
+        except GeneratorError as exc:
+            for job in jobs:
+                await self._fail(job, exc)
+            return
+        except Exception as exc:  # a bug in generation must fail the job, never kill the worker
+            log.exception("generation crashed", extra={"job_ids": [j.id for j in jobs]})
+            for job in jobs:
+                await self._fail(
+                    job, GeneratorError(f"The generator failed unexpectedly ({type(exc).__name__}).")
+                )
+            return
+        finally:
+            self.current_job_ids = []
+            for job in jobs:
+                self._running.pop(job.id, None)
+        for job, result in zip(jobs, results, strict=True):
+            if await self.queue.is_cancel_requested(job.id):
+                await self.queue.finish_cancelled(job.id)
+                self._held.discard(job.id)
+                await self._report(job.id)
+                continue
+            self._spawn(self._save_and_deliver(job, result))
+
+    async def _generate(self, jobs: list[Job]) -> list[Any]:
+        runs = [self._running[j.id] for j in jobs]
+        loop = asyncio.get_running_loop()
+
+        def progress(step: int, total: int, preview: Any = None) -> None:
+            for run in runs:
+                loop.call_soon_threadsafe(self.delivery.progress, run.job, step, total, preview)
+            loop.call_soon_threadsafe(self.heartbeat)
+
+        def should_cancel() -> bool:
+            return all(r.cancel.is_set() for r in runs)
+
+        first = jobs[0]
+        params = GenerationParams.from_dict(first.params)
+        kwargs = {"progress": progress, "should_cancel": should_cancel}
+        if first.kind == JobKind.TXT2IMG and len(jobs) > 1:
+            call = self.engine.call(
+                "txt2img_batch", [GenerationParams.from_dict(j.params) for j in jobs], **kwargs
+            )
+        elif first.kind == JobKind.TXT2IMG:
+            call = self.engine.call("txt2img", params, want_preview=True, **kwargs)
+        else:
+            source = await self._source_image(first)
+            method = "upscale" if first.kind == JobKind.UPSCALE else "variation"
+            call = self.engine.call(method, source, params, **kwargs)
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=self.job_timeout_s)
+        if not done:
+            for run in runs:
+                run.timed_out = True
+                run.cancel.set()
+            done, _ = await asyncio.wait({task}, timeout=10)
+            if not done:  # the GPU thread is hung: abandon it so the next job gets a fresh one
+                self.engine.replace_thread()
+            raise JobTimeout(f"The generation took longer than {self.job_timeout_s:g} s and was stopped.")
+        result = task.result()
+        return result if isinstance(result, list) else [result]
+
+    async def _source_image(self, job: Job) -> Any:
+        """The parent's image for upscale/variation; re-created from its seed if pruned."""
+        from PIL import Image
+
+        parent = await self.queue.get(job.parent_id) if job.parent_id else None
+        index = job.image_index or 0
+        if parent is not None and index < len(parent.result_files):
+            path = self.images_dir / parent.result_files[index]
+            if path.exists():
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._io, lambda: Image.open(path).convert("RGB")
+                )
+        if parent is None:
+            raise GeneratorError("The original image no longer exists.")
+        log.info("re-creating pruned image", extra={"job_id": job.id, "parent_id": parent.id})
+        source_params = GenerationParams.from_dict(parent.params).single(index)
+        result = await self.engine.call("txt2img", source_params)
+        return result.images[0].image
+
+    async def _after_cancel(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            running = self._running.get(job.id)
+            if running is not None and running.timed_out:
+                await self._fail(job, JobTimeout("The generation took too long and was stopped."))
+                continue
+            if not await self.queue.finish_cancelled(job.id):
+                # stopped by us (shutdown), not by the user: put it back for the next start
+                await self.queue.release(job.id, self.worker_id)
+                self._held.discard(job.id)
+                continue
+            self._held.discard(job.id)
+            log.info("job cancelled", extra={"job_id": job.id, "user_id": job.user_id, "status": "cancelled"})
+            await self._report(job.id)
+
+    async def _fail(self, job: Job, exc: GeneratorError) -> None:
+        updated = await self.queue.fail(job.id, str(exc), retryable=exc.retryable)
+        self._held.discard(job.id)
+        log.info(
+            "job failed: %s",
+            exc,
+            extra={"job_id": job.id, "user_id": job.user_id, "status": updated.status},
+        )
+        if updated.status == JobStatus.QUEUED:
+            self.wake()
+        await self._report(job.id)
+
+    async def _report(self, job_id: int) -> None:
+        job = await self.queue.get(job_id)
+        if job is None:
+            return
+        if job.status != JobStatus.QUEUED:
+            await self._safe(self.delivery.report_failure(job))
+            await self._finished(job)
+        else:
+            await self._safe(self.delivery.job_requeued(job))
+
+    # --- post-processing (off the GPU thread) -------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._post_tasks.add(task)
+        task.add_done_callback(self._post_tasks.discard)
+
+    async def _save_and_deliver(self, job: Job, result: Any) -> None:
+        try:
+            files = await asyncio.get_running_loop().run_in_executor(self._io, self._save, job, result)
+        except OSError as exc:
+            log.error("could not save images: %s", exc, extra={"job_id": job.id})
+            await self._fail(job, GeneratorError(f"Could not save the images ({exc.strerror or exc})."))
+            return
+        seeds = [img.seed for img in result.images]
+        if not await self.queue.mark_generated(job.id, self.worker_id, files, seeds, result.seconds):
+            log.warning("lost the lease before saving", extra={"job_id": job.id})
+            self._held.discard(job.id)
+            return
+        self._held.discard(job.id)
+        updated = await self.queue.get(job.id)
+        if updated is not None:
+            await self._deliver(updated)
+
+    def _save(self, job: Job, result: Any) -> list[str]:
+        from generator.metadata import save_png
+
+        folder = self.images_dir / str(job.id)
+        names = []
+        for index, img in enumerate(result.images, start=1):
+            name = f"{job.id}/ponybot-{job.id}-{index}.png"
+            save_png(img.image, self.images_dir / name, img.parameters)
+            names.append(name)
+        log.debug("saved %d images to %s", len(names), folder)
+        return names
+
+    async def _deliver(self, job: Job) -> None:
+        try:
+            await self.delivery.deliver(job)
+        except Exception:
+            log.exception("delivery failed", extra={"job_id": job.id})
+            return
+        done = await self.queue.get(job.id)
+        if done is not None:
+            await self._finished(done)
+
+    async def _finished(self, job: Job) -> None:
+        if self.on_finished is not None:
+            outcome = self.on_finished(job)
+            if asyncio.iscoroutine(outcome):
+                await self._safe(outcome)
+
+    async def _safe(self, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except Exception:
+            log.exception("ignored error in worker side task")
+            return None

@@ -1,0 +1,473 @@
+"""The Generator: txt2img, batched txt2img, variations (img2img) and upscales on one SD v1.x model.
+
+One Generator is driven from one thread (the bot's engine thread); calls do not overlap.
+
+Determinism: image i of a request uses its own `torch.Generator` seeded `seed + i` (on the
+pipeline's device; a CPU generator on MPS), so a request, or `params.single(i)`, re-creates the
+same pixels on the same device. On CPU that holds exactly even across batch sizes: the UNet is run
+image by image inside a batched call (oneDNN/MKL kernels are not batch-size invariant; on a CPU a
+batch gains nothing anyway), and the VAE always decodes one image at a time. On CUDA a batch runs
+as one UNet batch for speed, and a batched image may differ from its single re-run in the last bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from generator.config import GeneratorConfig
+from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
+from generator.loader import LoadedModel, load_pipeline
+from generator.metadata import format_fields, format_parameters, read_parameters, to_params
+from generator.metadata import parse_parameters as _parse
+from generator.params import MAX_SEED, GenerationParams, validate
+from generator.preview import latents_to_preview
+from generator.prompts import encode
+from generator.schedulers import make_scheduler
+from generator.upscale import Upscaler, load_upscaler, upscale_tiled
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, Image.Image | None], None]
+CancelFn = Callable[[], bool]
+
+BLANK_MESSAGE = "The model produced a blank image; try another seed or prompt."
+OOM_MESSAGE = "The GPU ran out of memory; try a smaller size or fewer images."
+CANCELLED_MESSAGE = "Cancelled."
+BLANK_EPSILON = 1e-3  #: a decoded image whose brightest value (0..1) is below this is blank
+PREVIEW_INTERVAL_S = 0.5  #: previews are computed at most this often (always on the first step)
+HIRES_SCALE = 2
+
+
+@dataclass
+class ImageResult:
+    """One generated image and the A1111 text describing it."""
+
+    image: Image.Image
+    seed: int
+    parameters: str
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request, the seconds they took and their size."""
+
+    images: list[ImageResult]
+    seconds: float
+    width: int
+    height: int
+
+
+def _seed(seed: int, i: int) -> int:
+    return (seed + i) % (MAX_SEED + 1)
+
+
+def _is_blank(decoded: torch.Tensor) -> bool:
+    x = decoded.detach().float()
+    if not torch.isfinite(x).all():
+        return True
+    return bool(((x / 2 + 0.5).clamp(0, 1).amax() < BLANK_EPSILON).item())
+
+
+def _part_progress(progress: ProgressFn | None, part: int, parts: int) -> ProgressFn | None:
+    """Report steps of call `part` of `parts` sequential pipeline calls as one overall count."""
+    if progress is None or parts == 1:
+        return progress
+
+    def report(step: int, total: int, preview: Image.Image | None) -> None:
+        progress(part * total + step, parts * total, preview)
+
+    return report
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class Generator:
+    """A loaded model and the operations the bot needs. Create with `Generator.load(config)`."""
+
+    config: GeneratorConfig
+    device: str
+    dtype_name: str
+    model_name: str
+    model_hash: str
+
+    def __init__(
+        self, config: GeneratorConfig, loaded: LoadedModel, upscaler: Upscaler | None = None
+    ) -> None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        self.config = config
+        self.pipe = loaded.pipe
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.dtype_name = "float16" if loaded.dtype == torch.float16 else "float32"
+        self.model_name = loaded.model_name
+        self.model_hash = loaded.model_hash
+        self.upscaler = upscaler
+        self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+        self._img2img.set_progress_bar_config(disable=True)
+        self._scheduler_base = dict(self.pipe.scheduler.config)
+        self._per_image_unet = False
+        self._cfg = True  # whether the running call uses classifier-free guidance (2 UNet rows per image)
+        self._prepare_for_device()
+
+    @classmethod
+    def load(cls, config: GeneratorConfig) -> Generator:
+        """Load the model (and upscaler, if configured). Raises `ModelLoadError` with one clear line."""
+        loaded = load_pipeline(config)
+        upscaler = load_upscaler(config.upscaler, loaded.device, loaded.dtype) if config.upscaler else None
+        return cls(config, loaded, upscaler)
+
+    # -- device set-up ---------------------------------------------------------------------------
+
+    def _prepare_for_device(self) -> None:
+        """Per-device speed and determinism hooks. (torch.compile, when added, goes here.)"""
+        if self.device.startswith("cuda"):
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.vae.to(memory_format=torch.channels_last)
+        elif self.device == "cpu":
+            self._install_per_image_unet()
+
+    def _install_per_image_unet(self) -> None:
+        """Run the UNet one image (its uncond + cond rows) at a time: batch-size invariant on CPU."""
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        unet = self.pipe.unet
+        forward = unet.forward
+
+        def per_image_forward(
+            sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kw: Any
+        ):
+            rows = 2 if self._cfg else 1
+            n = sample.shape[0]
+            images = n // rows
+            batched_extras = kw.get("timestep_cond") is not None or kw.get("added_cond_kwargs")
+            if images <= 1 or n % rows or batched_extras:
+                return forward(sample, timestep, encoder_hidden_states, **kw)
+            return_dict = kw.pop("return_dict", True)
+            out = torch.empty_like(sample)
+            for i in range(images):
+                idx = [i + k * images for k in range(rows)]
+                t = timestep
+                if torch.is_tensor(t) and t.ndim == 1 and t.shape[0] == n:
+                    t = t[idx]
+                out[idx] = forward(sample[idx], t, encoder_hidden_states[idx], return_dict=False, **kw)[0]
+            return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+        unet.forward = per_image_forward
+        self._per_image_unet = True
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        device = "cpu" if self.device == "mps" else self.device
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn device OOM into `OutOfMemory` after freeing the cache, so the next call works."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            log.warning("out of memory: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            del exc
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemory(OOM_MESSAGE) from None
+
+    def _sample(
+        self,
+        *,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        seeds: list[int],
+        steps: int,
+        guidance: float,
+        sampler: str,
+        width: int | None = None,
+        height: int | None = None,
+        init_image: Image.Image | None = None,
+        strength: float | None = None,
+        progress: ProgressFn | None = None,
+        want_preview: bool = False,
+        should_cancel: CancelFn | None = None,
+    ) -> torch.Tensor:
+        """One pipeline call (txt2img, or img2img when `init_image` is given) -> final latents."""
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(CANCELLED_MESSAGE)
+        scheduler = make_scheduler(sampler, self._scheduler_base)
+        self.pipe.scheduler = scheduler
+        self._img2img.scheduler = scheduler
+        self._cfg = guidance > 1.0
+        last_preview = [-math.inf]
+
+        def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(CANCELLED_MESSAGE)
+            if progress is not None:
+                preview = None
+                now = time.monotonic()
+                if want_preview and now - last_preview[0] >= PREVIEW_INTERVAL_S:
+                    preview = latents_to_preview(tensors["latents"])
+                    last_preview[0] = now
+                progress(i + 1, pipe.num_timesteps, preview)
+            return {}
+
+        kwargs: dict[str, Any] = {
+            "prompt_embeds": prompt_embeds.to(self.device, self.dtype),
+            "negative_prompt_embeds": negative_embeds.to(self.device, self.dtype),
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "generator": self._generators(seeds),
+            "output_type": "latent",
+            "callback_on_step_end": on_step_end,
+        }
+        if init_image is None:
+            out = self.pipe(width=width, height=height, **kwargs)
+        else:
+            out = self._img2img(image=init_image, strength=strength, **kwargs)
+        return out.images
+
+    @torch.no_grad()
+    def _vae_decode(self, latents: torch.Tensor, *, fp32: bool = False) -> torch.Tensor:
+        vae = self.pipe.vae
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        if not fp32:
+            return vae.decode(latents.to(vae.dtype) / scale + shift, return_dict=False)[0]
+        original = vae.dtype
+        if original == torch.float32:
+            return vae.decode(latents.float() / scale + shift, return_dict=False)[0]
+        # plain nn.Module.to: diffusers' override warns about fp32 modules on every cast
+        torch.nn.Module.to(vae, torch.float32)
+        try:
+            return vae.decode(latents.float() / scale + shift, return_dict=False)[0]
+        finally:
+            torch.nn.Module.to(vae, original)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Decode one image at a time; a NaN/black decode is retried once with the VAE in fp32."""
+        images = []
+        for i in range(latents.shape[0]):
+            lat = latents[i : i + 1]
+            decoded = self._vae_decode(lat)
+            if _is_blank(decoded):
+                log.warning("blank or NaN decode; retrying with the VAE in float32")
+                decoded = self._vae_decode(lat, fp32=True)
+                if _is_blank(decoded):
+                    raise BadOutput(BLANK_MESSAGE)
+            images.append(self.pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0])
+        return images
+
+    def _encode(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode(self.pipe, [params.prompt], [params.negative])
+
+    def _parameters(self, params: GenerationParams, seed: int, extra: dict[str, Any] | None = None) -> str:
+        return format_parameters(
+            params, seed, model_name=self.model_name, model_hash=self.model_hash, extra=extra
+        )
+
+    # -- txt2img ---------------------------------------------------------------------------------
+
+    def txt2img(
+        self,
+        params: GenerationParams,
+        *,
+        progress: ProgressFn | None = None,
+        want_preview: bool = False,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """Generate `params.count` images, image i with seed `params.seed + i`."""
+        params = validate(params, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps)
+        return self._txt2img_many([params], progress, want_preview, should_cancel)[0]
+
+    def txt2img_batch(
+        self,
+        requests: list[GenerationParams],
+        *,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> list[GenerationResult]:
+        """Run requests sharing `batch_key()` in one pipeline call; results equal the unbatched ones.
+
+        Each result's `seconds` is the batch time shared out by image count. Prompts whose
+        encodings differ in length (over 75 tokens) run in separate calls, so that no request's
+        conditioning is padded differently than when run alone.
+        """
+        if not requests:
+            return []
+        checked = [
+            validate(p, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps) for p in requests
+        ]
+        if len({p.batch_key() for p in checked}) != 1:
+            raise InvalidParams("Requests in one batch must share size, steps, sampler and guidance.")
+        return self._txt2img_many(checked, progress, False, should_cancel)
+
+    def _txt2img_many(
+        self,
+        requests: list[GenerationParams],
+        progress: ProgressFn | None,
+        want_preview: bool,
+        should_cancel: CancelFn | None,
+    ) -> list[GenerationResult]:
+        start = time.perf_counter()
+        first = requests[0]
+        with self._guard():
+            encoded = [self._encode(p) for p in requests]
+            groups: dict[int, list[int]] = {}
+            for r, (pos, _) in enumerate(encoded):
+                groups.setdefault(pos.shape[1], []).append(r)
+            images: dict[int, list[Image.Image]] = {}
+            for g, members in enumerate(groups.values()):
+                pos = torch.cat([encoded[r][0].expand(requests[r].count, -1, -1) for r in members])
+                neg = torch.cat([encoded[r][1].expand(requests[r].count, -1, -1) for r in members])
+                seeds = [_seed(requests[r].seed, i) for r in members for i in range(requests[r].count)]
+                step_progress = _part_progress(progress, g, len(groups))
+                latents = self._sample(
+                    prompt_embeds=pos,
+                    negative_embeds=neg,
+                    seeds=seeds,
+                    steps=first.steps,
+                    guidance=first.guidance,
+                    sampler=first.sampler,
+                    width=first.width,
+                    height=first.height,
+                    progress=step_progress,
+                    want_preview=want_preview,
+                    should_cancel=should_cancel,
+                )
+                decoded = self._decode(latents)
+                for r in members:
+                    images[r], decoded = decoded[: requests[r].count], decoded[requests[r].count :]
+        seconds = time.perf_counter() - start
+        total_images = sum(p.count for p in requests)
+        results = []
+        for r, p in enumerate(requests):
+            items = [
+                ImageResult(image=im, seed=_seed(p.seed, i), parameters=self._parameters(p, _seed(p.seed, i)))
+                for i, im in enumerate(images[r])
+            ]
+            results.append(GenerationResult(items, seconds * p.count / total_images, p.width, p.height))
+        return results
+
+    # -- img2img ---------------------------------------------------------------------------------
+
+    def _img2img_images(
+        self,
+        params: GenerationParams,
+        init: Image.Image,
+        strength: float,
+        progress: ProgressFn | None,
+        want_preview: bool,
+        should_cancel: CancelFn | None,
+    ) -> list[Image.Image]:
+        pos, neg = self._encode(params)
+        latents = self._sample(
+            prompt_embeds=pos.expand(params.count, -1, -1),
+            negative_embeds=neg.expand(params.count, -1, -1),
+            seeds=[_seed(params.seed, i) for i in range(params.count)],
+            # at least one denoising step survives the strength cut
+            steps=max(params.steps, math.ceil(1 / strength)),
+            guidance=params.guidance,
+            sampler=params.sampler,
+            init_image=init,
+            strength=strength,
+            progress=progress,
+            want_preview=want_preview,
+            should_cancel=should_cancel,
+        )
+        return self._decode(latents)
+
+    def variation(
+        self,
+        image: Image.Image,
+        params: GenerationParams,
+        *,
+        strength: float | None = None,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """`params.count` img2img variations of `image` (resized to the params' size), seeds seed + i.
+
+        `strength` defaults to `config.variation_strength` (0 keeps the image, 1 ignores it).
+        """
+        params = validate(params, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps)
+        strength = self.config.variation_strength if strength is None else float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise InvalidParams("Variation strength must be above 0 and at most 1.")
+        start = time.perf_counter()
+        init = image.convert("RGB")
+        if init.size != (params.width, params.height):
+            init = init.resize((params.width, params.height), Image.Resampling.LANCZOS)
+        with self._guard():
+            images = self._img2img_images(params, init, strength, progress, False, should_cancel)
+        extra = {"Denoising strength": strength}
+        items = [
+            ImageResult(im, _seed(params.seed, i), self._parameters(params, _seed(params.seed, i), extra))
+            for i, im in enumerate(images)
+        ]
+        return GenerationResult(items, time.perf_counter() - start, params.width, params.height)
+
+    # -- upscale ---------------------------------------------------------------------------------
+
+    def upscale(
+        self,
+        image: Image.Image,
+        params: GenerationParams | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """One upscaled image: the configured ESRGAN (tiled, its scale), or the hires fix.
+
+        Hires fix (no upscaler configured): Lanczos 2x, then img2img at `config.hires_strength`
+        with the params' prompt, seed, steps, sampler and guidance. `params` default to the
+        image's own A1111 metadata, if any. The metadata keeps the original Size (as A1111 does)
+        and adds "Upscaler: name" or "Hires upscale: 2".
+        """
+        start = time.perf_counter()
+        source = image.convert("RGB")
+        known = params is not None
+        if params is None:
+            text = read_parameters(image)
+            known = bool(text)
+            params = to_params(_parse(text)) if text else GenerationParams(prompt="")
+            if not text:
+                params = replace(params, width=source.width, height=source.height)
+        params = replace(params, count=1)
+        with self._guard():
+            if self.upscaler is not None:
+                out = upscale_tiled(self.upscaler, source, progress=progress, should_cancel=should_cancel)
+                extra: dict[str, Any] = {"Upscaler": self.upscaler.name, "Upscale by": self.upscaler.scale}
+                if not known:  # nothing is known about how the source was made: just the upscale
+                    result = ImageResult(out, params.seed, format_fields(extra))
+                    return GenerationResult([result], time.perf_counter() - start, out.width, out.height)
+            else:
+                strength = self.config.hires_strength
+                width = max(8, source.width * HIRES_SCALE // 8 * 8)
+                height = max(8, source.height * HIRES_SCALE // 8 * 8)
+                big = source.resize((width, height), Image.Resampling.LANCZOS)
+                out = self._img2img_images(params, big, strength, progress, False, should_cancel)[0]
+                extra = {
+                    "Hires upscale": HIRES_SCALE,
+                    "Hires upscaler": "Lanczos",
+                    "Denoising strength": strength,
+                }
+        result = ImageResult(out, params.seed, self._parameters(params, params.seed, extra))
+        return GenerationResult([result], time.perf_counter() - start, out.width, out.height)

@@ -1,0 +1,108 @@
+"""Sampler names (`generator.samplers.SAMPLER_NAMES`) -> diffusers schedulers.
+
+Every scheduler keeps the model's training noise schedule (SD v1.x: scaled_linear betas
+0.00085..0.012); DDIM gets the model card's settings exactly. Instances are cached per
+(name, base config): a pipeline call resets a scheduler's state in `set_timesteps`, and the
+generator runs one call at a time, so sharing one instance per sampler is safe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+# the real class: `diffusers.LMSDiscreteScheduler` is a stub raising ImportError without scipy
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from generator.errors import InvalidParams
+from generator.samplers import SAMPLER_NAMES
+
+#: the SD v1.x training schedule, shared by every sampler
+NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+#: DDIM as on the pony-diffusion model card
+DDIM_MODEL_CARD: dict[str, Any] = {
+    **NOISE_SCHEDULE,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+class QuadratureLMSDiscreteScheduler(LMSDiscreteScheduler):
+    """diffusers' LMS with its coefficient integral done by Gauss-Legendre quadrature.
+
+    Upstream calls `scipy.integrate.quad` on a Lagrange basis polynomial of degree < 4; an
+    8-point Gauss-Legendre rule integrates that exactly, so scipy is not needed.
+    """
+
+    _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(8)
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        """Integral over [sigma_t, sigma_t+1] of the Lagrange basis polynomial `current_order`."""
+        sigmas = [float(s) for s in self.sigmas]
+        lo, hi = sigmas[t], sigmas[t + 1]
+        taus = (hi - lo) / 2 * self._NODES + (hi + lo) / 2
+        values = np.ones_like(taus)
+        for k in range(order):
+            if k == current_order:
+                continue
+            values *= (taus - sigmas[t - k]) / (sigmas[t - current_order] - sigmas[t - k])
+        return float((hi - lo) / 2 * np.sum(self._WEIGHTS * values))
+
+
+#: name -> (scheduler class, overrides on top of the model's config)
+_TABLE: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "DDIM": (DDIMScheduler, DDIM_MODEL_CARD),
+    "Euler a": (EulerAncestralDiscreteScheduler, NOISE_SCHEDULE),
+    "Euler": (EulerDiscreteScheduler, NOISE_SCHEDULE),
+    "DPM++ 2M": (
+        DPMSolverMultistepScheduler,
+        {**NOISE_SCHEDULE, "algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "DPM++ 2M Karras": (
+        DPMSolverMultistepScheduler,
+        {**NOISE_SCHEDULE, "algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "UniPC": (UniPCMultistepScheduler, NOISE_SCHEDULE),
+    "LMS": (QuadratureLMSDiscreteScheduler, NOISE_SCHEDULE),
+}
+assert set(_TABLE) == set(SAMPLER_NAMES), "every sampler name needs a scheduler"
+
+_CACHE: dict[tuple[str, str], SchedulerMixin] = {}
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None) -> SchedulerMixin:
+    """The scheduler for sampler `name`, built from the model's scheduler config (cached).
+
+    `base_config` is the loaded pipeline's `scheduler.config` (or None for defaults); the
+    sampler's own settings override it. Raises `InvalidParams` for an unknown name.
+    """
+    if name not in _TABLE:
+        raise InvalidParams(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}.")
+    base = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_")}
+    key = (name, json.dumps(base, sort_keys=True, default=str))
+    scheduler = _CACHE.get(key)
+    if scheduler is None:
+        cls, overrides = _TABLE[name]
+        # timestep_spacing/steps_offset of the model are kept (SD v1: "leading", 1), except for DDIM
+        scheduler = cls.from_config({**base, **overrides})
+        _CACHE[key] = scheduler
+    return scheduler
