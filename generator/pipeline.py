@@ -29,9 +29,10 @@ from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
 from generator.loader import LoadedModel, load_pipeline
 from generator.metadata import format_fields, format_parameters, read_parameters, to_params
 from generator.metadata import parse_parameters as _parse
-from generator.params import MAX_SEED, GenerationParams, validate
+from generator.params import MAX_GUIDANCE, MAX_SEED, MIN_GUIDANCE, GenerationParams, validate
 from generator.preview import latents_to_preview
 from generator.prompts import encode
+from generator.samplers import SAMPLER_NAMES
 from generator.schedulers import make_scheduler
 from generator.upscale import Upscaler, load_upscaler, upscale_tiled
 
@@ -426,6 +427,16 @@ class Generator:
 
     # -- upscale ---------------------------------------------------------------------------------
 
+    def _usable(self, params: GenerationParams) -> GenerationParams:
+        """Clamp params that may come from foreign metadata into what this generator runs."""
+        return replace(
+            params,
+            seed=params.seed % (MAX_SEED + 1),
+            steps=min(max(params.steps, 1), self.config.max_steps),
+            guidance=min(max(params.guidance, MIN_GUIDANCE), MAX_GUIDANCE),
+            sampler=params.sampler if params.sampler in SAMPLER_NAMES else SAMPLER_NAMES[0],
+        )
+
     def upscale(
         self,
         image: Image.Image,
@@ -450,7 +461,7 @@ class Generator:
             params = to_params(_parse(text)) if text else GenerationParams(prompt="")
             if not text:
                 params = replace(params, width=source.width, height=source.height)
-        params = replace(params, count=1)
+        params = self._usable(replace(params, count=1))
         with self._guard():
             if self.upscaler is not None:
                 out = upscale_tiled(self.upscaler, source, progress=progress, should_cancel=should_cancel)

@@ -196,3 +196,27 @@ def is_result(message: FakeMessage) -> bool:
             "Variations",
         )
     )
+
+
+def slow_down_generation(bot: PonyBot, per_step_s: float) -> None:
+    """Make every generator call sleep `per_step_s` at each step (in the GPU thread), so tests can
+    act while a job is running. Cancellation and progress keep working."""
+    generator = bot.engine.generator
+    for name in ("txt2img", "txt2img_batch", "variation", "upscale"):
+        original = getattr(generator, name)
+
+        def slowed(*args: Any, __original: Any = original, progress: Any = None, **kwargs: Any) -> Any:
+            def sleepy(step: int, total: int, preview: Any = None) -> None:
+                time.sleep(per_step_s)
+                if progress is not None:
+                    progress(step, total, preview)
+
+            return __original(*args, progress=sleepy, **kwargs)
+
+        setattr(generator, name, slowed)
+
+
+async def job_status(bot: PonyBot, job_id: int) -> str | None:
+    """The job's status in the database."""
+    job = await bot.queue.get(job_id)
+    return None if job is None else str(job.status)

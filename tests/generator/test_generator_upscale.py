@@ -101,3 +101,15 @@ def test_hires_fix_fallback(generator: Generator, source: Image.Image, tmp_path:
         again = generator.upscale(im)
     assert again.images[0].image.size == (128, 256)
     assert parse_parameters(again.images[0].parameters)["prompt"] == "a pony"
+
+
+def test_hires_fix_with_foreign_metadata(generator: Generator, source: Image.Image) -> None:
+    foreign = (
+        "a pony\nSteps: 150, Sampler: DPM++ SDE Karras, CFG scale: 40, Seed: 5, Size: 64x128, Model: other"
+    )
+    image = source.copy()
+    image.info["parameters"] = foreign
+    result = generator.upscale(image, progress=None)
+    parsed = parse_parameters(result.images[0].parameters)
+    assert (parsed["sampler"], parsed["seed"]) == ("DDIM", 5)
+    assert parsed["steps"] == generator.config.max_steps and parsed["cfg"] == 30.0

@@ -1,0 +1,130 @@
+"""Restarts, kill -9, expired interaction tokens and gateway reconnects: one result per job."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from conftest import (
+    SubprocessBot,
+    bot_env,
+    is_result,
+    job_messages,
+    job_status,
+    slow_down_generation,
+    wait_until,
+    wait_until_async,
+)
+from fake_discord import FakeDiscord
+from test_buttons import button_id, make_result
+
+
+async def test_buttons_work_after_a_restart(discord_server: FakeDiscord, start_bot) -> None:
+    fake = discord_server
+    await start_bot()
+    original = await make_result(fake)
+    await start_bot.runners[0].stop()
+
+    bot = await start_bot()
+    assert fake.identify_count == 2
+    click = await fake.click(original.id, button_id(original, "V1"), user=fake.bob)
+    ack = await click.wait_followup()
+    assert ack.content.startswith("Queued as job #2")
+    variation = await fake.wait_for_message(lambda m: is_result(m) and m.id != original.id, timeout=60)
+    assert variation.reference_id == original.id
+    assert (await bot.queue.get(2)).parent_id == 1
+
+
+async def test_expired_interaction_token_still_delivers(discord_server: FakeDiscord, start_bot) -> None:
+    fake = discord_server
+    bot = await start_bot()
+    bot.worker.paused = True
+    interaction = await fake.slash("pony", {"prompt": "patience"})
+    await interaction.wait_followup()
+    fake.expire_token(interaction)  # the job waited past the 15-minute interaction token
+    bot.worker.paused = False
+    bot.worker.wake()
+    result = await fake.wait_for_message(is_result, timeout=60)
+    assert job_messages(fake, 1) == [result]
+    assert await wait_until_async(lambda: _done(bot, 1), 10, "done")
+    webhook_calls = fake.requests_matching("*", r"/webhooks/") if hasattr(fake, "requests_matching") else []
+    assert all(
+        r.time < result.created_at.timestamp() + 1e9 for r in webhook_calls
+    )  # nothing needed the token
+
+
+async def test_gateway_reconnect_mid_job_delivers_once(discord_server: FakeDiscord, start_bot) -> None:
+    fake = discord_server
+    bot = await start_bot()
+    slow_down_generation(bot, 0.2)
+    interaction = await fake.slash("pony", {"prompt": "through the storm", "steps": 12})
+    await interaction.wait_followup()
+    await wait_until_async(lambda: _running(bot, 1), 20, "running")
+    await fake.reconnect_gateway()
+    await fake.drop_gateway()
+    result = await fake.wait_for_message(is_result, timeout=60)
+    assert fake.resume_count >= 2
+    assert await wait_until_async(lambda: _done(bot, 1), 10, "done")
+    assert job_messages(fake, 1) == [result]
+
+
+async def test_kill_9_while_generating_loses_and_doubles_nothing(
+    discord_server: FakeDiscord, tiny_model: Path, tmp_path: Path
+) -> None:
+    fake = discord_server
+    data = tmp_path / "data"
+    # big enough steps that the kill lands mid-generation on any machine
+    env = bot_env(fake, data, tiny_model, PONY_DEFAULT_STEPS=40, PONY_BASE_RESOLUTION=128)
+    first = SubprocessBot(env, tmp_path / "bot1.log")
+    first.start()
+    try:
+        await fake.wait_until_connected(timeout=60)
+        await wait_until(lambda: fake.find_command("pony"), 60, "commands synced")
+        for user in (fake.alice, fake.bob, fake.mod):
+            interaction = await fake.slash("pony", {"prompt": f"job of {user.username}"}, user=user)
+            await interaction.wait_followup(timeout=30)
+        await wait_until(lambda: _shows_progress(fake, 1), 120, "job 1 generating")
+    finally:
+        first.kill()
+    assert _db_status(data, 1) == "running"
+
+    second = SubprocessBot(env, tmp_path / "bot2.log")
+    second.start()
+    try:
+        await wait_until(
+            lambda: all(_db_status(data, j) == "done" for j in (1, 2, 3)), 240, "all jobs done after restart"
+        )
+    finally:
+        assert second.terminate() == 0, second.log()
+    for job_id in (1, 2, 3):
+        messages = job_messages(fake, job_id)
+        assert len(messages) == 1 and is_result(messages[0]), (job_id, messages)
+    attempts = _db_attempts(data, 1)
+    assert attempts == 2  # claimed once by each process
+
+
+def _shows_progress(fake: FakeDiscord, job_id: int) -> bool:
+    return any(
+        "step" in str(f.get("value")) and "step 0 of" not in str(f.get("value"))
+        for m in job_messages(fake, job_id)
+        for f in m.embeds[0].get("fields", [])
+    )
+
+
+def _db_status(data: Path, job_id: int) -> str | None:
+    with sqlite3.connect(data / "jobs.sqlite3", timeout=10) as conn:
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row else None
+
+
+def _db_attempts(data: Path, job_id: int) -> int:
+    with sqlite3.connect(data / "jobs.sqlite3", timeout=10) as conn:
+        return conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+async def _done(bot, job_id: int) -> bool:
+    return await job_status(bot, job_id) == "done"
+
+
+async def _running(bot, job_id: int) -> bool:
+    return await job_status(bot, job_id) == "running"
