@@ -106,7 +106,7 @@ class PonyBot(discord.Client):
     async def shutdown(self) -> None:
         """Finish or put back the running job, then disconnect."""
         log.info("shutting down")
-        await self.worker.stop()
+        await self.worker.stop(grace_s=self.settings.shutdown_grace_s)
         await self.close()
         self.engine.shutdown()
 

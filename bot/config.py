@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(120.0, gt=0, validation_alias=_env("PONY_LEASE_S"))
     retry_backoff_s: float = Field(5.0, ge=0, validation_alias=_env("PONY_RETRY_BACKOFF_S"))
     job_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("PONY_JOB_TIMEOUT_S"))
+    shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("PONY_SHUTDOWN_GRACE_S"))
     batch_size: int = Field(4, ge=1, le=16, validation_alias=_env("PONY_BATCH_SIZE"))
 
     # --- Operations ----------------------------------------------------------------------------
