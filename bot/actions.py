@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.messages import format_duration
+from bot.messages import footer_text, format_duration
 from bot.permissions import missing_permissions
 from bot.queue import Job, JobKind, JobStatus, QueueFull
 from bot.text import clean_prompt
@@ -22,8 +22,11 @@ from generator.params import GenerationParams, aspect_size, random_seed, validat
 
 if TYPE_CHECKING:
     from bot.app import PonyBot
+    from bot.guard import Policy
 
 log = logging.getLogger(__name__)
+
+BUSY = "The queue is busy right now; nothing was queued. Try again in a moment."
 
 
 class Refusal(Exception):
@@ -49,33 +52,44 @@ class JobActions:
         count: int | None = None,
         aspect: str | None = None,
         sampler: str | None = None,
+        policy: Policy | None = None,
     ) -> GenerationParams:
-        """Fill defaults from settings, clean the text and validate; raises InvalidParams."""
+        """Fill defaults from settings (or the guild's `policy`), clean the text and validate;
+        raises InvalidParams."""
         s = self.bot.settings
+        default_steps = policy.default_steps if policy else s.default_steps
+        default_count = policy.default_count if policy else s.default_count
+        max_steps = policy.max_steps if policy else s.max_steps
         width, height = aspect_size(aspect or "square", s.base_resolution)
         params = GenerationParams(
             prompt=clean_prompt(prompt),
             negative=clean_prompt(negative or ""),
             seed=random_seed() if seed is None else seed,
-            steps=s.default_steps if steps is None else steps,
+            steps=default_steps if steps is None else steps,
             guidance=s.default_guidance if guidance is None else guidance,
             width=width,
             height=height,
-            count=s.default_count if count is None else count,
+            count=default_count if count is None else count,
             sampler=sampler or s.default_sampler,
         )
-        return validate(params, max_pixels=s.max_pixels, max_steps=s.max_steps)
+        return validate(params, max_pixels=s.max_pixels, max_steps=max_steps)
 
     async def pony(self, interaction: discord.Interaction, **options: object) -> None:
-        """/pony: defer, validate, enqueue, announce."""
+        """/pony: defer, check member and channel, validate, enqueue, announce."""
         await interaction.response.defer(ephemeral=True, thinking=True)
+        guard = self.bot.guard
         try:
-            params = self.build_params(**options)  # type: ignore[arg-type]
-            params = await self.bot.guard.check_request(interaction, params)
+            policy = await guard.admit(interaction)
+            params = self.build_params(**options, policy=policy)  # type: ignore[arg-type]
+            params = await guard.check_request(interaction, params, policy)
         except (InvalidParams, Refusal) as exc:
             await self._tell(interaction, str(exc))
             return
-        await self._submit(interaction, kind=JobKind.TXT2IMG, params=params)
+        except sqlite3.OperationalError as exc:
+            log.error("guard check failed: %s", exc)
+            await self._tell(interaction, BUSY)
+            return
+        await self._submit(interaction, kind=JobKind.TXT2IMG, params=params, policy=policy)
 
     # --- buttons ------------------------------------------------------------------------------
 
@@ -85,10 +99,13 @@ class JobActions:
         """Dispatch a persistent button press."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         job = await self.bot.queue.get(job_id)
-        if job is None or job.channel_id != interaction.channel_id:
+        if job is None:
             await self._tell(interaction, "That job no longer exists.")
             return
         try:
+            self.bot.guard.check_job_access(
+                interaction, job, get_channel=self.bot.get_channel, reveals=action != "cancel"
+            )
             match action:
                 case "cancel":
                     await self._cancel(interaction, job)
@@ -100,26 +117,35 @@ class JobActions:
                     await self._from_image(interaction, job, action, index or 1)
         except Refusal as exc:
             await self._tell(interaction, str(exc))
+        except sqlite3.OperationalError as exc:
+            log.error("button %s on job %s failed: %s", action, job_id, exc)
+            await self._tell(interaction, BUSY)
 
-    async def _cancel(self, interaction: discord.Interaction, job: Job) -> None:
-        if interaction.user.id != job.user_id:
-            raise Refusal("Only the person who asked for this job can cancel it.")
+    async def cancel_job(self, job: Job) -> str:
+        """Cancel a job (no permission check) and tell its channel; return what to tell the asker."""
         outcome = await self.bot.queue.cancel(job.id)
         if outcome == "cancelled":
             cancelled = await self.bot.queue.get(job.id)
             if cancelled is not None:
                 await self.bot.delivery.report_failure(cancelled)
-            await self._tell(interaction, f"Job #{job.id} cancelled.")
-        elif outcome == "requested":
+            log.info("job cancelled", extra={"job_id": job.id, "user_id": job.user_id, "status": "cancelled"})
+            return f"Job #{job.id} cancelled."
+        if outcome == "requested":
             self.bot.worker.request_cancel(job.id)
-            await self._tell(interaction, f"Stopping job #{job.id}…")
-        else:
-            await self._tell(interaction, f"Job #{job.id} has already finished.")
+            return f"Stopping job #{job.id}…"
+        return f"Job #{job.id} has already finished."
+
+    async def _cancel(self, interaction: discord.Interaction, job: Job) -> None:
+        if interaction.user.id != job.user_id:
+            raise Refusal("Only the person who asked for this job can cancel it.")
+        await self._tell(interaction, await self.cancel_job(job))
 
     async def _delete(self, interaction: discord.Interaction, job: Job) -> None:
         perms = interaction.permissions
         if interaction.user.id != job.user_id and not perms.manage_messages:
             raise Refusal("Only the requester or a moderator can delete this.")
+        if interaction.message is not None and not _names_job(interaction.message, job.id):
+            raise Refusal("That button doesn't belong to this message.")
         if interaction.message is not None:
             try:
                 await interaction.message.delete()
@@ -184,6 +210,7 @@ class JobActions:
         parent_id: int | None = None,
         image_index: int | None = None,
         reply_to: discord.Message | None = None,
+        policy: Policy | None = None,
     ) -> None:
         missing = missing_permissions(interaction.app_permissions)
         if missing:
@@ -193,6 +220,8 @@ class JobActions:
             return
         queue = self.bot.queue
         try:
+            if policy is None:
+                policy = await self.bot.guard.policy(interaction.guild_id)
             job, created = await queue.enqueue(
                 kind=kind,
                 params=params.to_dict(),
@@ -204,15 +233,14 @@ class JobActions:
                 image_index=image_index,
                 reply_to_message_id=reply_to.id if reply_to is not None else None,
                 cost=params.steps * params.count,
+                limits=policy.limits,
             )
         except QueueFull as exc:
-            await self._tell(interaction, exc.reason)
+            await self._tell(interaction, await self._queue_full_text(exc, interaction.user.id))
             return
         except sqlite3.OperationalError as exc:
             log.error("enqueue failed: %s", exc)
-            await self._tell(
-                interaction, "The queue is busy right now; nothing was queued. Try again in a moment."
-            )
+            await self._tell(interaction, BUSY)
             return
         position = await queue.position(job.id)
         eta = await queue.eta_seconds(job.id)
@@ -231,8 +259,28 @@ class JobActions:
             + (f"\n{unavailable}" if unavailable else ""),
         )
 
+    async def _queue_full_text(self, exc: QueueFull, user_id: int) -> str:
+        """The refusal with when to try again."""
+        if exc.kind == "queue" and exc.retry_after is not None:
+            return f"The queue is full right now; try again in about {format_duration(exc.retry_after)}."
+        if exc.kind == "user":
+            etas = []
+            for job in await self.bot.queue.open_jobs(user_id):
+                eta = await self.bot.queue.eta_seconds(job.id)
+                if eta is not None:
+                    etas.append(eta)
+            if etas:
+                return f"{exc.reason} Your next one should be done in about {format_duration(min(etas))}."
+        return exc.reason
+
     async def _tell(self, interaction: discord.Interaction, text: str) -> None:
         try:
             await interaction.followup.send(text, ephemeral=True)
         except discord.HTTPException as exc:
             log.warning("could not answer interaction: %s", exc)
+
+
+def _names_job(message: discord.Message, job_id: int) -> bool:
+    """True when one of the message's embeds has the job's footer."""
+    footer = footer_text(job_id)
+    return any(e.footer and e.footer.text == footer for e in message.embeds)

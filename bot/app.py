@@ -19,6 +19,8 @@ from bot.config import Settings
 from bot.delivery import Delivery
 from bot.engine import Engine, EngineState
 from bot.guard import Guard
+from bot.info_commands import info_commands
+from bot.ops import Ops
 from bot.queue import JobQueue, QueueLimits
 from bot.worker import Worker
 
@@ -46,6 +48,7 @@ class PonyBot(discord.Client):
         self.actions = JobActions(self)
         self.guard = Guard(settings)
         self.delivery = Delivery(self, queue, settings.images_dir)
+        self.ops = Ops(self)  # metrics, health, periodic refresh and retention
         self.worker = Worker(
             queue,
             engine,
@@ -54,12 +57,16 @@ class PonyBot(discord.Client):
             batch_size=settings.batch_size,
             job_timeout_s=settings.job_timeout_s,
             lease_s=settings.lease_s,
+            heartbeat=self.ops.worker_heartbeat,
+            on_finished=self.ops.job_finished,
         )
 
     async def setup_hook(self) -> None:
         """Register persistent buttons and commands, sync them, start the model and the worker."""
         self.add_dynamic_items(JobButton)
         self.tree.add_command(pony_command(self.settings))
+        for command in info_commands(self.settings):
+            self.tree.add_command(command)
         if self.settings.discord_guild_id:
             guild = discord.Object(id=self.settings.discord_guild_id)
             self.tree.copy_global_to(guild=guild)
@@ -71,9 +78,16 @@ class PonyBot(discord.Client):
         self.worker.start()
 
     async def on_ready(self) -> None:
+        self.ops.gateway(True)
         log.info(
             "logged in as %s (%s) in %d guilds", self.user, getattr(self.user, "id", "?"), len(self.guilds)
         )
+
+    async def on_resumed(self) -> None:
+        self.ops.gateway(True)
+
+    async def on_disconnect(self) -> None:
+        self.ops.gateway(False)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer forged or stale ponybot buttons that no DynamicItem matched."""
@@ -134,6 +148,7 @@ async def run_bot(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     try:
+        await bot.ops.start()
         async with bot:
             runner = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
             stopper = asyncio.create_task(stop.wait())
@@ -146,4 +161,5 @@ async def run_bot(
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner
     finally:
+        await bot.ops.stop()
         await queue.close()

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     # --- Storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), validation_alias=_env("PONY_DATA_DIR"))
     db: Path | None = Field(None, validation_alias=_env("PONY_DB"))
+    db_busy_timeout_ms: int = Field(10_000, ge=0, le=600_000, validation_alias=_env("PONY_DB_BUSY_TIMEOUT_MS"))
 
     # --- Model ---------------------------------------------------------------------------------
     model: str = Field("AstraliteHeart/pony-diffusion", validation_alias=_env("PONY_MODEL"))
@@ -89,6 +90,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=_env("PONY_LOG_LEVEL"))
     retention_days: float = Field(30.0, gt=0, validation_alias=_env("PONY_RETENTION_DAYS"))
     retention_max_gb: float = Field(20.0, gt=0, validation_alias=_env("PONY_RETENTION_MAX_GB"))
+    retention_every_min: float = Field(60.0, gt=0, validation_alias=_env("PONY_RETENTION_EVERY_MIN"))
+    health_stuck_s: float = Field(300.0, gt=0, validation_alias=_env("PONY_HEALTH_STUCK_S"))
+    doctor_channels: str = Field("", validation_alias=_env("PONY_DOCTOR_CHANNELS"))
 
     @field_validator("default_sampler")
     @classmethod
@@ -103,6 +107,13 @@ class Settings(BaseSettings):
         if "://" not in value:
             raise ValueError("must be a URL such as https://discord.com")
         return value.rstrip("/")
+
+    @field_validator("doctor_channels")
+    @classmethod
+    def _channel_ids(cls, value: str) -> str:
+        if any(not t.isdigit() for t in value.replace(" ", "").split(",") if t):
+            raise ValueError("must be comma-separated channel ids (numbers)")
+        return value
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> Settings:
@@ -119,6 +130,11 @@ class Settings(BaseSettings):
     def images_dir(self) -> Path:
         """Where generated PNGs are written."""
         return self.data_dir / "images"
+
+    @property
+    def doctor_channel_ids(self) -> list[int]:
+        """`PONY_DOCTOR_CHANNELS` as channel ids (blanks dropped)."""
+        return [int(t) for t in self.doctor_channels.replace(" ", "").split(",") if t]
 
     @property
     def blocked_term_list(self) -> list[str]:

@@ -21,6 +21,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _PACKAGED_MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_\-]+\.sql$")
+#: How long a statement waits for another connection's lock by default (PONY_DB_BUSY_TIMEOUT_MS).
+DEFAULT_BUSY_TIMEOUT_MS = 10_000
 
 
 class MigrationError(Exception):
@@ -31,11 +33,12 @@ class DatabaseTooNew(MigrationError):
     """The database was written by a newer ponybot than this one."""
 
 
-async def connect(path: Path) -> aiosqlite.Connection:
+async def connect(path: Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> aiosqlite.Connection:
     """Open (creating if needed) the SQLite database at `path` with ponybot's pragmas.
 
     The connection is in autocommit mode (`isolation_level=None`): callers open transactions
     themselves with `BEGIN IMMEDIATE` ... `COMMIT`, which is what the job queue needs.
+    `busy_timeout_ms` is how long a statement waits for another connection's lock.
     """
     path = Path(path)
     if str(path) != ":memory:":
@@ -43,7 +46,7 @@ async def connect(path: Path) -> aiosqlite.Connection:
     conn = await aiosqlite.connect(path, isolation_level=None)
     try:
         conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms):d}")
         await conn.execute("PRAGMA journal_mode = WAL")
         # synchronous=NORMAL: in WAL mode this never corrupts the database, and a process crash
         # (including kill -9) loses nothing, because committed transactions are already in the WAL

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024
 MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
 HISTORY_SEARCH_LIMIT = 100
+#: how often a result is shrunk and re-sent after Discord answers 413 (file too large)
+SHRINK_TRIES = 8
 #: Discord error codes that mean "this will never work": unknown channel, missing access/permissions
 PERMANENT_CODES = {10003, 50001, 50013}
 
@@ -142,6 +144,10 @@ class Delivery:
 
     # --- results ------------------------------------------------------------------------------
 
+    def is_delivering(self, job_id: int) -> bool:
+        """True while a delivery of this job is in flight."""
+        return job_id in self._delivering
+
     async def deliver(self, job: Job) -> None:
         """Turn the status message into the result (or post it), then mark the job done."""
         if job.id in self._delivering:
@@ -159,21 +165,31 @@ class Delivery:
     async def _deliver_locked(self, job: Job) -> None:
         paths = [self.images_dir / name for name in job.result_files]
         loop = asyncio.get_running_loop()
-        try:
-            fitted = await loop.run_in_executor(
-                None, fit_images, paths, self.file_limit(job), MESSAGE_FILES_LIMIT
-            )
-        except OSError as exc:
-            await self._give_up(job, f"The images could not be read back ({exc.strerror or exc}).")
-            return
-        embed = messages.result_embed(job, fitted.size)
-        if fitted.note:
-            embed.add_field(name="Note", value=fitted.note, inline=False)
+        limit = self.file_limit(job)
         view = result_view(job.id, len(paths), can_vary=job.kind != JobKind.UPSCALE)
-        try:
-            message = await self._post_or_edit(job, embed=embed, files=fitted.files, view=view)
-        except (discord.Forbidden, discord.NotFound) as exc:
-            await self._give_up(job, _discord_reason(exc))
+        for _ in range(SHRINK_TRIES):
+            try:
+                fitted = await loop.run_in_executor(None, fit_images, paths, limit, MESSAGE_FILES_LIMIT)
+            except OSError as exc:
+                await self._give_up(job, f"The images could not be read back ({exc.strerror or exc}).")
+                return
+            embed = messages.result_embed(job, fitted.size)
+            if fitted.note:
+                embed.add_field(name="Note", value=fitted.note, inline=False)
+            try:
+                message = await self._post_or_edit(job, embed=embed, files=fitted.files, view=view)
+                break
+            except (discord.Forbidden, discord.NotFound) as exc:
+                await self._give_up(job, _discord_reason(exc))
+                return
+            except discord.HTTPException as exc:
+                if exc.status != 413:  # anything but "too large" is retried later by the worker
+                    raise
+                # the channel's real limit is lower than we thought: halve the largest file and retry
+                limit = min(limit, max(fitted.sizes)) // 2
+                log.warning("upload too large for job %s; retrying under %d bytes", job.id, limit)
+        else:
+            await self._give_up(job, "The images were too large for this channel even after shrinking them.")
             return
         if await self.queue.mark_done(job.id, message.id):
             log.info("job delivered", extra={"job_id": job.id, "user_id": job.user_id, "status": "done"})

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from bot.db import connect, migrate
+from bot.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -175,12 +175,17 @@ class QueueLimits:
 
 
 class QueueFull(Exception):
-    """`enqueue` refused the job; `reason` is shown to the user, `retry_after` in seconds or None."""
+    """`enqueue` refused the job; `reason` is shown to the user, `retry_after` in seconds or None.
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    `kind` says which limit: "user" (open jobs per user), "queue" (queued jobs in all) or
+    "cooldown"; empty when raised by other code.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None, kind: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.kind = kind
 
 
 @dataclass
@@ -284,9 +289,20 @@ class JobQueue:
         self._last_served: float | None = None
 
     @classmethod
-    async def open(cls, path: Path, limits: QueueLimits, *, clock: Clock = time.time) -> JobQueue:
-        """Connect to the database at `path`, apply migrations, and return the queue."""
-        conn = await connect(Path(path))
+    async def open(
+        cls,
+        path: Path,
+        limits: QueueLimits,
+        *,
+        clock: Clock = time.time,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> JobQueue:
+        """Connect to the database at `path`, apply migrations, and return the queue.
+
+        `busy_timeout_ms`: how long a statement waits for another connection's write lock before
+        failing with `sqlite3.OperationalError` ("database is locked").
+        """
+        conn = await connect(Path(path), busy_timeout_ms=busy_timeout_ms)
         try:
             await migrate(conn)
         except BaseException:
@@ -309,6 +325,16 @@ class JobQueue:
     def connection(self) -> aiosqlite.Connection:
         """The underlying connection (for stats and tests)."""
         return self._conn
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, while no queue transaction is open (for stores sharing it).
+
+        Run single autocommit statements inside; a statement sent on `connection` without this
+        could land inside a queue transaction and be rolled back with it.
+        """
+        async with self._lock:
+            yield self._conn
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -396,13 +422,15 @@ class JobQueue:
         reply_to_message_id: int | None = None,
         cost: int = 1,
         enforce_limits: bool = True,
+        limits: QueueLimits | None = None,
     ) -> tuple[Job, bool]:
         """Add a job; return (job, created). Idempotent on `interaction_id`.
 
         A repeated `interaction_id` returns the existing job with created=False (no limits
         checked). With `enforce_limits` the per-user open-job cap, the global queued cap and the
         per-user cooldown are checked in the same transaction as the insert; a refusal raises
-        `QueueFull` with a user-facing reason.
+        `QueueFull` with a user-facing reason. `limits` overrides the queue's own (e.g. a guild's
+        per-user cap and cooldown).
         """
         kind = JobKind(kind)
         params_json = _dumps(params)
@@ -418,7 +446,7 @@ class JobQueue:
                     assert existing is not None
                     return existing, False
                 if enforce_limits:
-                    await self._check_limits(state, now)
+                    await self._check_limits(state, now, limits or self.limits)
             # The insert trigger counts the job as waiting and stamps queue_users.last_enqueued_at.
             rows = await conn.execute_fetchall(
                 "INSERT INTO jobs (kind, parent_id, image_index, guild_id, channel_id, user_id,"
@@ -441,23 +469,28 @@ class JobQueue:
             )
             return Job.from_row(next(iter(rows))), True
 
-    async def _check_limits(self, state: aiosqlite.Row, now: float) -> None:
+    async def _check_limits(self, state: aiosqlite.Row, now: float, limits: QueueLimits) -> None:
         """Raise `QueueFull` if the admission `state` (see `_ADMISSION_SQL`) breaks a limit."""
-        limits = self.limits
         open_jobs = state["open_jobs"]
         if open_jobs >= limits.max_open_per_user:
             noun = "job" if open_jobs == 1 else "jobs"
-            raise QueueFull(f"You already have {open_jobs} {noun} waiting; wait for one to finish.", None)
+            raise QueueFull(
+                f"You already have {open_jobs} {noun} waiting; wait for one to finish.", None, "user"
+            )
         if state["queued"] >= limits.max_queued:
             retry_after = await self._slot_free_estimate(now)
             raise QueueFull(
-                f"The queue is full ({limits.max_queued} jobs); try again in a few minutes.", retry_after
+                f"The queue is full ({limits.max_queued} jobs); try again in a few minutes.",
+                retry_after,
+                "queue",
             )
         last = state["last_enqueued"]
         if limits.cooldown_s > 0 and last is not None and last > 0:
             remaining = limits.cooldown_s - (now - last)
             if remaining > 0:
-                raise QueueFull(f"Slow down: try again in {max(1, math.ceil(remaining))} s.", remaining)
+                raise QueueFull(
+                    f"Slow down: try again in {max(1, math.ceil(remaining))} s.", remaining, "cooldown"
+                )
 
     async def _slot_free_estimate(self, now: float) -> float:
         """Seconds until a queue slot frees: the running job's remaining time, else the next job's."""

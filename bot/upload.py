@@ -17,6 +17,8 @@ class FittedImages:
     files: list[discord.File]
     size: tuple[int, int] | None
     note: str | None
+    #: bytes of each file as sent
+    sizes: list[int]
 
 
 def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
@@ -54,13 +56,14 @@ def fit_image(path: Path, limit: int) -> tuple[str, bytes, str | None]:
 def fit_images(paths: list[Path], per_file_limit: int, message_limit: int) -> FittedImages:
     """Every image, each under the per-file limit and all together under the message limit."""
     limit = min(per_file_limit, message_limit // max(1, len(paths)))
-    files, notes, size = [], [], None
+    files, notes, sizes, size = [], [], [], None
     for path in paths:
         name, data, note = fit_image(path, limit)
         if size is None:
             with Image.open(path) as img:
                 size = img.size
         files.append(discord.File(io.BytesIO(data), filename=name))
+        sizes.append(len(data))
         if note and note not in notes:
             notes.append(note)
-    return FittedImages(files=files, size=size, note=" ".join(notes) or None)
+    return FittedImages(files=files, size=size, note=" ".join(notes) or None, sizes=sizes)

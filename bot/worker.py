@@ -36,6 +36,7 @@ class Deliverer(Protocol):
     async def job_started(self, job: Job) -> None: ...
     def progress(self, job: Job, step: int, total: int, preview: Any) -> None: ...
     async def deliver(self, job: Job) -> None: ...
+    def is_delivering(self, job_id: int) -> bool: ...
     async def report_failure(self, job: Job) -> None: ...
 
 
@@ -151,6 +152,7 @@ class Worker:
             if time.monotonic() - last_sweep > self.lease_s / 4:
                 last_sweep = time.monotonic()
                 await self._safe(self.queue.requeue_expired())
+                await self._safe(self._redeliver())
             if self.paused or self.engine.state is not EngineState.READY:
                 self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
                 await self._idle()
@@ -168,6 +170,13 @@ class Worker:
             self.state = "generating"
             await self._process(jobs)
         self.state = "stopping"
+
+    async def _redeliver(self) -> None:
+        """Retry results whose delivery failed for a passing reason (Discord down, 5xx)."""
+        busy = {job_id for job_id in self._held}
+        for job in await self.queue.undelivered():
+            if job.id not in busy and not self.delivery.is_delivering(job.id):
+                self._spawn(self._deliver(job))
 
     async def _idle(self) -> None:
         self._wake.clear()

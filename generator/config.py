@@ -20,3 +20,21 @@ class GeneratorConfig:
     max_steps: int = 50
     variation_strength: float = 0.6
     hires_strength: float = 0.35
+    # --- speed (generator.fastpath) ---------------------------------------------------------
+    #: torch.compile mode on CUDA; "reduce-overhead" and "max-autotune" add CUDA graphs
+    compile_mode: str = "reduce-overhead"
+    #: (width, height) sizes compiled and warmed at start-up; other sizes run eager
+    warmup_sizes: tuple[tuple[int, int], ...] = ((512, 512),)
+    #: most images in one UNet call (PONY_BATCH_SIZE); warm-up covers 1..batch_size images
+    batch_size: int = 4
+    #: fuse each attention's Q/K/V (K/V for cross-attention) projections into one matmul
+    fuse_qkv: bool = False
+    #: fp8 UNet linear layers through torchao (CUDA, compute capability >= 8.9, torchao installed)
+    fp8: bool = False
+    #: where torch.compile keeps its on-disk cache (TORCHINDUCTOR_CACHE_DIR unless already set)
+    compile_cache_dir: Path | None = None
+    #: a few-step LoRA (LCM-LoRA, TCD, Hyper-SD) fused at load; then every image uses the fast_* values
+    fast_lora: Path | None = None
+    fast_sampler: str = "LCM"
+    fast_steps: int = 4
+    fast_guidance: float = 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -67,8 +68,17 @@ def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
-def validate(params: GenerationParams, *, max_pixels: int, max_steps: int) -> GenerationParams:
-    """Check every field; raise `InvalidParams` naming the field and the allowed range."""
+def validate(
+    params: GenerationParams,
+    *,
+    max_pixels: int,
+    max_steps: int,
+    samplers: Collection[str] = SAMPLER_NAMES,
+) -> GenerationParams:
+    """Check every field; raise `InvalidParams` naming the field and the allowed range.
+
+    `samplers` are the accepted sampler names (the generator adds its few-step sampler in fast mode).
+    """
     if not params.prompt.strip():
         raise InvalidParams("The prompt is empty.")
     if len(params.prompt) > MAX_PROMPT_CHARS:
@@ -90,8 +100,8 @@ def validate(params: GenerationParams, *, max_pixels: int, max_steps: int) -> Ge
         raise InvalidParams(
             f"{params.width}x{params.height} is too large; at most {max_pixels} pixels per image."
         )
-    if params.sampler not in SAMPLER_NAMES:
-        raise InvalidParams(f"Unknown sampler {params.sampler!r}; choose one of: {', '.join(SAMPLER_NAMES)}.")
+    if params.sampler not in samplers:
+        raise InvalidParams(f"Unknown sampler {params.sampler!r}; choose one of: {', '.join(samplers)}.")
     return params
 
 

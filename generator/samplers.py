@@ -12,3 +12,6 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "UniPC",
     "LMS",
 )
+
+#: few-step samplers for a fused few-step LoRA (PONY_FAST_LORA); never offered for a plain model
+FAST_SAMPLER_NAMES: tuple[str, ...] = ("LCM", "TCD")

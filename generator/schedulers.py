@@ -18,6 +18,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -26,7 +28,7 @@ from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from generator.errors import InvalidParams
-from generator.samplers import SAMPLER_NAMES
+from generator.samplers import FAST_SAMPLER_NAMES, SAMPLER_NAMES
 
 #: the SD v1.x training schedule, shared by every sampler
 NOISE_SCHEDULE: dict[str, Any] = {
@@ -83,8 +85,14 @@ _TABLE: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
     "UniPC": (UniPCMultistepScheduler, NOISE_SCHEDULE),
     "LMS": (QuadratureLMSDiscreteScheduler, NOISE_SCHEDULE),
+    # few-step samplers of a fused LCM-LoRA / TCD / Hyper-SD LoRA (fast mode only)
+    "LCM": (LCMScheduler, NOISE_SCHEDULE),
+    "TCD": (TCDScheduler, NOISE_SCHEDULE),
 }
-assert set(_TABLE) == set(SAMPLER_NAMES), "every sampler name needs a scheduler"
+assert set(_TABLE) == set(SAMPLER_NAMES) | set(FAST_SAMPLER_NAMES), "every sampler name needs a scheduler"
+
+#: extra pipeline-call arguments per sampler (TCD's gamma, passed as `eta`, as its authors use it)
+SAMPLER_CALL_KWARGS: dict[str, dict[str, Any]] = {"TCD": {"eta": 0.3}}
 
 _CACHE: dict[tuple[str, str], SchedulerMixin] = {}
 

@@ -45,7 +45,7 @@ REST: every request is appended to ``requests`` (``RecordedRequest``: method, pa
 ``/api/v10`` prefix, query, json (``payload_json`` for multipart), files, time, status); unknown
 routes answer 404 and are also kept in ``unhandled``; a crash inside the fake answers 400 (never 5xx,
 which discord.py retries) and lands in ``internal_errors``. ``requests_matching(method, path_regex)``.
-Routes: users/@me, oauth2/applications/@me, gateway, gateway/bot, application commands (PUT/GET/POST/
+Routes: users/@me, users/@me/guilds, oauth2/applications/@me, gateway, gateway/bot, application commands (PUT/GET/POST/
 DELETE, global and guild; stored in ``commands`` and ``guild_commands``; ``find_command(name)``),
 channel messages (POST/GET/PATCH/DELETE, list with limit/before/after/around, typing, reactions),
 channels, guilds, members, users, DM channels, interaction callbacks and the interaction webhook
@@ -1463,6 +1463,7 @@ class FakeDiscord:
             ("GET", rf"/guilds/{guild}/roles", self._r_guild_roles, True),
             ("GET", rf"/guilds/{guild}/members/(?P<user_id>\d+)", self._r_get_member, True),
             ("POST", r"/users/@me/channels", self._r_create_dm, True),
+            ("GET", r"/users/@me/guilds", self._r_my_guilds, True),
             ("GET", r"/users/(?P<user_id>\d+)", self._r_get_user, True),
             (
                 "POST",
@@ -2247,6 +2248,19 @@ class FakeDiscord:
 
     async def _r_typing(self, req: _Request, channel_id: str) -> None:
         self._channel(channel_id)
+
+    async def _r_my_guilds(self, req: _Request) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": str(self.guild_id),
+                "name": self.guild_name,
+                "icon": None,
+                "banner": None,
+                "owner": False,
+                "permissions": str(self.everyone_permissions),
+                "features": [],
+            }
+        ]
 
     async def _r_get_channel(self, req: _Request, channel_id: str) -> dict[str, Any]:
         return self._channel_payload(self._channel(channel_id))

@@ -94,3 +94,19 @@ async def test_queue_position_is_told_when_waiting(discord_server: FakeDiscord, 
     await wait_until(
         lambda: all(is_result(m) for m in job_messages(fake, 1) + job_messages(fake, 2)), 60, "both"
     )
+
+
+async def test_results_over_the_upload_limit_are_reencoded_not_dropped(
+    discord_server: FakeDiscord, start_bot
+) -> None:
+    fake = discord_server
+    fake.attachment_limit = 6000
+    await start_bot(PONY_BASE_RESOLUTION=128)
+    interaction = await fake.slash("pony", {"prompt": "a detailed pony", "count": 2})
+    await interaction.wait_followup()
+    result = await fake.wait_for_message(lambda m: is_result(m), timeout=60)
+    assert [a.filename for a in result.attachments] == ["ponybot-1-1.webp", "ponybot-1-2.webp"]
+    assert all(len(a.data) <= 6000 for a in result.attachments)
+    fields = {f["name"]: f["value"] for f in result.embeds[0]["fields"]}
+    assert "to fit Discord's limit" in fields["Note"]
+    assert all(Image.open(io.BytesIO(a.data)).format == "WEBP" for a in result.attachments)

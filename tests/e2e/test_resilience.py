@@ -133,7 +133,9 @@ async def test_sigterm_puts_the_running_job_back_and_exits_cleanly(
 ) -> None:
     fake = discord_server
     data = tmp_path / "data"
-    env = bot_env(fake, data, tiny_model, PONY_DEFAULT_STEPS=50, PONY_BASE_RESOLUTION=192, PONY_SHUTDOWN_GRACE_S=0.5)
+    env = bot_env(
+        fake, data, tiny_model, PONY_DEFAULT_STEPS=50, PONY_BASE_RESOLUTION=192, PONY_SHUTDOWN_GRACE_S=0.5
+    )
     first = SubprocessBot(env, tmp_path / "bot1.log")
     first.start()
     try:

@@ -1,0 +1,64 @@
+"""The `ponybot` console script: settings errors, migrate, invite-url."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+PONYBOT = Path(sys.executable).with_name("ponybot")
+
+
+def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PONYBOT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PONY_", "DISCORD_"))}
+    env["PONY_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+def test_bad_setting_is_one_clear_line_and_nonzero_exit(tmp_path: Path) -> None:
+    env = base_env(tmp_path) | {"PONY_MAX_STEPS": "lots", "DISCORD_TOKEN": "sekrit.token.value"}
+    result = run("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "Invalid setting PONY_MAX_STEPS: Input should be a valid integer, unable to parse string as an integer"
+        " (got 'lots')"
+    )
+    assert "Traceback" not in result.stderr and "sekrit" not in result.stderr + result.stdout
+
+
+def test_run_without_token_says_what_to_set(tmp_path: Path) -> None:
+    result = run("run", env=base_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "DISCORD_TOKEN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_migrate_creates_and_is_idempotent(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    first = run("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "applied [1" in first.stdout
+    again = run("migrate", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    with sqlite3.connect(tmp_path / "data" / "jobs.sqlite3") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+        conn.execute("PRAGMA user_version = 999")
+    newer = run("migrate", env=env, cwd=tmp_path)
+    assert newer.returncode == 2 and "version 999" in newer.stderr
+
+
+def test_invite_url_has_scopes_and_permissions(tmp_path: Path) -> None:
+    result = run("invite-url", "123456789", env=base_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0
+    url = result.stdout.strip()
+    assert url.startswith("https://discord.com/oauth2/authorize?client_id=123456789")
+    assert "scope=bot%20applications.commands" in url
+    assert "permissions=117760" in url  # view, send, embed links, attach files, read history
