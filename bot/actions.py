@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from bot.logging_setup import log_job_event
 from bot.messages import footer_text, format_duration
 from bot.permissions import missing_permissions
 from bot.queue import Job, JobKind, JobStatus, QueueFull
@@ -128,7 +129,8 @@ class JobActions:
             cancelled = await self.bot.queue.get(job.id)
             if cancelled is not None:
                 await self.bot.delivery.report_failure(cancelled)
-            log.info("job cancelled", extra={"job_id": job.id, "user_id": job.user_id, "status": "cancelled"})
+                self.bot.ops.job_finished(cancelled)  # never reached the worker: count it here
+            log_job_event(log, job.id, job.user_id, "cancelled")
             return f"Job #{job.id} cancelled."
         if outcome == "requested":
             self.bot.worker.request_cancel(job.id)
@@ -245,7 +247,7 @@ class JobActions:
         position = await queue.position(job.id)
         eta = await queue.eta_seconds(job.id)
         if created:
-            log.info("job queued", extra={"job_id": job.id, "user_id": job.user_id, "status": "queued"})
+            log_job_event(log, job.id, job.user_id, "queued", kind=str(job.kind))
             try:
                 await self.bot.delivery.post_status(job, position, eta)
             except discord.HTTPException as exc:

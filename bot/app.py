@@ -13,13 +13,15 @@ import yarl
 from discord import app_commands
 
 from bot.actions import JobActions
-from bot.buttons import CUSTOM_ID_PREFIX, JobButton, parse_custom_id
+from bot.admin_commands import admin_group
+from bot.buttons import CUSTOM_ID_PREFIX, JobButton, on_message, parse_custom_id
 from bot.commands import pony_command
 from bot.config import Settings
 from bot.delivery import Delivery
 from bot.engine import Engine, EngineState
 from bot.guard import Guard
 from bot.info_commands import info_commands
+from bot.member_commands import member_commands
 from bot.ops import Ops
 from bot.queue import JobQueue, QueueLimits
 from bot.worker import Worker
@@ -46,7 +48,7 @@ class PonyBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         self.actions = JobActions(self)
-        self.guard = Guard(settings)
+        self.guard = Guard(settings, queue)
         self.delivery = Delivery(self, queue, settings.images_dir)
         self.ops = Ops(self)  # metrics, health, periodic refresh and retention
         self.worker = Worker(
@@ -65,6 +67,9 @@ class PonyBot(discord.Client):
         """Register persistent buttons and commands, sync them, start the model and the worker."""
         self.add_dynamic_items(JobButton)
         self.tree.add_command(pony_command(self.settings))
+        self.tree.add_command(admin_group(self.settings))
+        for command in member_commands(self.settings):
+            self.tree.add_command(command)
         for command in info_commands(self.settings):
             self.tree.add_command(command)
         if self.settings.discord_guild_id:
@@ -94,7 +99,9 @@ class PonyBot(discord.Client):
         if interaction.type is not discord.InteractionType.component:
             return
         custom_id = str((interaction.data or {}).get("custom_id", ""))
-        if custom_id.startswith(CUSTOM_ID_PREFIX) and parse_custom_id(custom_id) is None:
+        if custom_id.startswith(CUSTOM_ID_PREFIX) and (
+            parse_custom_id(custom_id) is None or not on_message(interaction.message, custom_id)
+        ):
             with contextlib.suppress(discord.HTTPException):
                 await interaction.response.send_message("That button isn't valid.", ephemeral=True)
 
@@ -137,7 +144,9 @@ async def run_bot(
         raise SystemExit("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).")
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     settings.images_dir.mkdir(parents=True, exist_ok=True)
-    queue = await JobQueue.open(settings.db_path, QueueLimits.from_settings(settings))
+    queue = await JobQueue.open(
+        settings.db_path, QueueLimits.from_settings(settings), busy_timeout_ms=settings.db_busy_timeout_ms
+    )
     engine = Engine(settings.generator_config())
     bot = PonyBot(settings, queue, engine)
     if started is not None:

@@ -54,6 +54,20 @@ def parse_custom_id(value: str) -> tuple[str, int, int | None] | None:
     return match["action"], int(match["job"]), int(index) if index else None
 
 
+def on_message(message: discord.Message | None, custom_id: str) -> bool:
+    """True when the message carries a component with this custom_id (discord.py dispatches a
+    DynamicItem only then; a forged press of a button that is not there gets no callback)."""
+    if message is None:
+        return False
+    stack: list[object] = list(message.components)
+    while stack:
+        component = stack.pop()
+        if getattr(component, "custom_id", None) == custom_id:
+            return True
+        stack.extend(getattr(component, "children", None) or [])
+    return False
+
+
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
     """Reroll, U<n>, V<n>, Delete and Cancel on a job's message."""
 

@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from generator.config import GeneratorConfig
+from generator.params import ASPECTS, aspect_size
 from generator.samplers import SAMPLER_NAMES
 
 
@@ -40,7 +41,9 @@ class Settings(BaseSettings):
     # --- Storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), validation_alias=_env("PONY_DATA_DIR"))
     db: Path | None = Field(None, validation_alias=_env("PONY_DB"))
-    db_busy_timeout_ms: int = Field(10_000, ge=0, le=600_000, validation_alias=_env("PONY_DB_BUSY_TIMEOUT_MS"))
+    db_busy_timeout_ms: int = Field(
+        10_000, ge=0, le=600_000, validation_alias=_env("PONY_DB_BUSY_TIMEOUT_MS")
+    )
 
     # --- Model ---------------------------------------------------------------------------------
     model: str = Field("AstraliteHeart/pony-diffusion", validation_alias=_env("PONY_MODEL"))
@@ -49,6 +52,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", validation_alias=_env("PONY_DEVICE"))
     upscaler: Path | None = Field(None, validation_alias=_env("PONY_UPSCALER"))
     compile: bool = Field(True, validation_alias=_env("PONY_COMPILE"))
+    compile_mode: Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"] = Field(
+        "reduce-overhead", validation_alias=_env("PONY_COMPILE_MODE")
+    )
+    warmup_sizes: str = Field("auto", validation_alias=_env("PONY_WARMUP_SIZES"))
+    fuse_qkv: bool = Field(False, validation_alias=_env("PONY_FUSE_QKV"))
+    fp8: bool = Field(False, validation_alias=_env("PONY_FP8"))
+    fast_lora: Path | None = Field(None, validation_alias=_env("PONY_FAST_LORA"))
+    fast_sampler: Literal["LCM", "TCD"] = Field("LCM", validation_alias=_env("PONY_FAST_SAMPLER"))
+    fast_steps: int = Field(4, ge=1, le=50, validation_alias=_env("PONY_FAST_STEPS"))
+    fast_guidance: float = Field(1.0, ge=1.0, le=30.0, validation_alias=_env("PONY_FAST_GUIDANCE"))
 
     # --- Generation defaults and limits --------------------------------------------------------
     default_sampler: str = Field("DDIM", validation_alias=_env("PONY_DEFAULT_SAMPLER"))
@@ -92,13 +105,26 @@ class Settings(BaseSettings):
     retention_max_gb: float = Field(20.0, gt=0, validation_alias=_env("PONY_RETENTION_MAX_GB"))
     retention_every_min: float = Field(60.0, gt=0, validation_alias=_env("PONY_RETENTION_EVERY_MIN"))
     health_stuck_s: float = Field(300.0, gt=0, validation_alias=_env("PONY_HEALTH_STUCK_S"))
-    doctor_channels: str = Field("", validation_alias=_env("PONY_DOCTOR_CHANNELS"))
 
     @field_validator("default_sampler")
     @classmethod
     def _known_sampler(cls, value: str) -> str:
         if value not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler; choose one of: {', '.join(SAMPLER_NAMES)}")
+        return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "none"):
+            return value
+        for item in value.split(","):
+            w, _, h = item.strip().partition("x")
+            if not (w.isdigit() and h.isdigit() and int(w) >= 64 and int(h) >= 64):
+                raise ValueError("use auto, none, or sizes like 512x512,512x768")
+            if int(w) % 64 or int(h) % 64:
+                raise ValueError(f"{item.strip()}: width and height must be multiples of 64")
         return value
 
     @field_validator("discord_api_base", "discord_gateway_url")
@@ -108,18 +134,28 @@ class Settings(BaseSettings):
             raise ValueError("must be a URL such as https://discord.com")
         return value.rstrip("/")
 
-    @field_validator("doctor_channels")
-    @classmethod
-    def _channel_ids(cls, value: str) -> str:
-        if any(not t.isdigit() for t in value.replace(" ", "").split(",") if t):
-            raise ValueError("must be comma-separated channel ids (numbers)")
-        return value
-
     @model_validator(mode="after")
     def _steps_in_range(self) -> Settings:
         if self.default_steps > self.max_steps:
             raise ValueError("PONY_DEFAULT_STEPS must not exceed PONY_MAX_STEPS")
+        if self.fast_steps > self.max_steps:
+            raise ValueError("PONY_FAST_STEPS must not exceed PONY_MAX_STEPS")
+        too_big = [f"{w}x{h}" for w, h in self.warmup_size_list if w * h > self.max_pixels]
+        if self.warmup_sizes != "auto" and too_big:
+            raise ValueError(f"PONY_WARMUP_SIZES {too_big[0]} is larger than PONY_MAX_PIXELS")
         return self
+
+    @property
+    def warmup_size_list(self) -> tuple[tuple[int, int], ...]:
+        """The sizes compiled and warmed at start-up (CUDA): `auto` = every aspect choice at
+        `PONY_BASE_RESOLUTION` that fits `PONY_MAX_PIXELS`; `none` = no compiled path."""
+        if self.warmup_sizes == "none":
+            return ()
+        if self.warmup_sizes == "auto":
+            sizes = [aspect_size(a, self.base_resolution) for a in ASPECTS]
+            return tuple(dict.fromkeys((w, h) for w, h in sizes if w * h <= self.max_pixels))
+        pairs = (item.strip().partition("x") for item in self.warmup_sizes.split(","))
+        return tuple(dict.fromkeys((int(w), int(h)) for w, _, h in pairs))
 
     @property
     def db_path(self) -> Path:
@@ -130,11 +166,6 @@ class Settings(BaseSettings):
     def images_dir(self) -> Path:
         """Where generated PNGs are written."""
         return self.data_dir / "images"
-
-    @property
-    def doctor_channel_ids(self) -> list[int]:
-        """`PONY_DOCTOR_CHANNELS` as channel ids (blanks dropped)."""
-        return [int(t) for t in self.doctor_channels.replace(" ", "").split(",") if t]
 
     @property
     def blocked_term_list(self) -> list[str]:
@@ -154,6 +185,16 @@ class Settings(BaseSettings):
             max_steps=self.max_steps,
             variation_strength=self.variation_strength,
             hires_strength=self.hires_strength,
+            compile_mode=self.compile_mode,
+            warmup_sizes=self.warmup_size_list,
+            batch_size=self.batch_size,
+            fuse_qkv=self.fuse_qkv,
+            fp8=self.fp8,
+            compile_cache_dir=self.data_dir / "compile-cache",
+            fast_lora=self.fast_lora,
+            fast_sampler=self.fast_sampler,
+            fast_steps=self.fast_steps,
+            fast_guidance=self.fast_guidance,
         )
 
 

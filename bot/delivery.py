@@ -21,6 +21,7 @@ import discord
 
 from bot import messages
 from bot.buttons import result_view, status_view
+from bot.logging_setup import log_job_event
 from bot.queue import Job, JobKind, JobQueue, JobStatus
 from bot.upload import fit_images
 
@@ -192,7 +193,16 @@ class Delivery:
             await self._give_up(job, "The images were too large for this channel even after shrinking them.")
             return
         if await self.queue.mark_done(job.id, message.id):
-            log.info("job delivered", extra={"job_id": job.id, "user_id": job.user_id, "status": "done"})
+            log_job_event(
+                log,
+                job.id,
+                job.user_id,
+                "done",
+                wait_s=job.started_at - job.created_at if job.started_at else None,
+                gen_s=job.gen_seconds,
+                total_s=time.time() - job.created_at,
+                images=len(job.result_files),
+            )
         self._cleanup(job.id)
 
     async def _post_or_edit(
@@ -232,9 +242,28 @@ class Delivery:
         self._cleanup(job.id)
 
     async def _give_up(self, job: Job, reason: str) -> None:
-        log.error("delivery failed for good: %s", reason, extra={"job_id": job.id, "user_id": job.user_id})
-        await self.queue.fail(job.id, reason, retryable=False)
+        """Fail the job for good (never retried) and tell the requester; caller holds the job's lock."""
+        log.error(
+            "delivery failed for good: %s",
+            reason,
+            extra={"job_id": job.id, "user_id": job.user_id, "status": "failed"},
+        )
+        failed = await self.queue.fail(job.id, reason, retryable=False)
+        await self._tell_requester(failed)
         self._cleanup(job.id)
+
+    async def _tell_requester(self, job: Job) -> None:
+        """The failure notice on the job's message if the channel still takes it, else a DM."""
+        try:
+            await self._post_or_edit(job, embed=messages.failure_embed(job), files=[], view=None)
+            return
+        except discord.HTTPException as exc:
+            log.info("failure notice not posted in the channel: %s", exc, extra={"job_id": job.id})
+        try:
+            user = self.client.get_user(job.user_id) or await self.client.fetch_user(job.user_id)
+            await user.send(f"Your ponybot job #{job.id} in <#{job.channel_id}> failed: {job.error}")
+        except discord.HTTPException as exc:
+            log.warning("could not tell the requester of job %s: %s", job.id, exc, extra={"job_id": job.id})
 
     def _cleanup(self, job_id: int) -> None:
         self._last_progress.pop(job_id, None)

@@ -129,8 +129,27 @@ def check_data_folder(settings: Settings, report: Report) -> bool:
     return True
 
 
-async def check_database(settings: Settings, report: Report) -> None:
-    """The job database opens, is not newer than this ponybot, is intact and writable."""
+AllowedChannels = dict[int, tuple[int, ...]]
+
+
+async def _allowed_channels(conn: Any) -> AllowedChannels:
+    """guild id -> the channels `/pony-admin channels allow` restricted the bot to (non-empty only)."""
+    from bot.guild_settings import GuildSettings
+
+    sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'guild_settings'"
+    async with conn.execute(sql) as cur:
+        if await cur.fetchone() is None:
+            return {}
+    async with conn.execute("SELECT * FROM guild_settings") as cur:
+        rows = [GuildSettings.from_row(row) async for row in cur]
+    return {row.guild_id: row.allowed_channels for row in rows if row.allowed_channels}
+
+
+async def check_database(settings: Settings, report: Report) -> AllowedChannels:
+    """The job database opens, is not newer than this ponybot, is intact and writable.
+
+    Returns the per-server allowed channels it holds, for the Discord permission check.
+    """
     from bot.db import MigrationError, available_migrations, connect, integrity_ok, schema_version
 
     path = settings.db_path.expanduser()
@@ -139,7 +158,7 @@ async def check_database(settings: Settings, report: Report) -> None:
         newest = available_migrations()[-1][0]
     except (MigrationError, IndexError, OSError) as exc:
         report.fail(what, f"the migrations folder is missing or broken ({exc}): reinstall ponybot")
-        return
+        return {}
     if not path.exists():
         if path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK):
             report.ok(f"{what}: not created yet; the bot creates it at start (or run `ponybot migrate`)")
@@ -147,14 +166,15 @@ async def check_database(settings: Settings, report: Report) -> None:
             report.fail(
                 what, f"its folder {path.parent} is missing or not writable: fix the data folder or PONY_DB"
             )
-        return
+        return {}
     try:
-        conn = await connect(path)
+        conn = await connect(path, busy_timeout_ms=settings.db_busy_timeout_ms)
     except (sqlite3.Error, OSError) as exc:
         report.fail(
             what, f"cannot open it ({_first_line(exc)}): check the file's owner and permissions, or PONY_DB"
         )
-        return
+        return {}
+    allowed: AllowedChannels = {}
     try:
         version = await schema_version(conn)
         if version > newest:
@@ -163,20 +183,21 @@ async def check_database(settings: Settings, report: Report) -> None:
                 f"it was written by a newer ponybot (schema {version}, this one knows {newest}):"
                 " upgrade ponybot, or point PONY_DB at another file",
             )
-            return
+            return {}
         if not await integrity_ok(conn):
             report.fail(
                 what,
                 "it fails SQLite's integrity check: stop the bot, move the file aside (keep it), and"
                 " start again for a fresh database",
             )
-            return
+            return {}
         await conn.execute("BEGIN IMMEDIATE")  # proves we can take the write lock
         await conn.execute("ROLLBACK")
         counts: dict[str, int] = {}
         if version >= 1:
             async with conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status") as cur:
                 counts = {row[0]: row[1] async for row in cur}
+        allowed = await _allowed_channels(conn)
     except sqlite3.Error as exc:
         hint = (
             "another program holds it locked; try again"
@@ -184,7 +205,7 @@ async def check_database(settings: Settings, report: Report) -> None:
             else "check the file's owner and permissions (and its -wal/-shm files), or PONY_DB"
         )
         report.fail(what, f"{_first_line(exc)}: {hint}")
-        return
+        return {}
     finally:
         await conn.close()
     pending = newest - version
@@ -195,6 +216,7 @@ async def check_database(settings: Settings, report: Report) -> None:
     )
     waiting = sum(counts.get(s, 0) for s in ("queued", "running", "generated"))
     report.ok(f"{what}: schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open")
+    return allowed
 
 
 # --- model and upscaler -------------------------------------------------------------------------
@@ -380,11 +402,6 @@ def channel_permissions(
     return discord.Permissions(value)
 
 
-def configured_channels(settings: Settings) -> list[int]:
-    """Channels the admin named for /pony (PONY_DOCTOR_CHANNELS); empty = check every text channel."""
-    return settings.doctor_channel_ids
-
-
 @dataclasses.dataclass
 class _GuildView:
     guild: dict[str, Any]
@@ -398,8 +415,12 @@ TOKEN_FIX = (
 )
 
 
-async def check_discord(settings: Settings, report: Report) -> None:
-    """Log in with the token, list the servers, and check the permissions the bot needs."""
+async def check_discord(settings: Settings, report: Report, allowed: AllowedChannels | None = None) -> None:
+    """Log in with the token, list the servers, and check the permissions the bot needs.
+
+    In a server where `/pony-admin channels allow` named channels (`allowed`), those channels are
+    checked; elsewhere every text channel the bot can see.
+    """
     if settings.discord_token is None:
         report.fail("Discord token", f"DISCORD_TOKEN is not set: {TOKEN_FIX}")
         return
@@ -411,7 +432,7 @@ async def check_discord(settings: Settings, report: Report) -> None:
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
         rest = DiscordRest(session, settings.discord_api_base)
         try:
-            await _check_discord(settings, report, rest)
+            await _check_discord(settings, report, rest, allowed or {})
         except (aiohttp.ClientError, TimeoutError) as exc:
             report.fail(
                 f"Discord API at {settings.discord_api_base}",
@@ -420,7 +441,9 @@ async def check_discord(settings: Settings, report: Report) -> None:
             )
 
 
-async def _check_discord(settings: Settings, report: Report, rest: DiscordRest) -> None:
+async def _check_discord(
+    settings: Settings, report: Report, rest: DiscordRest, allowed: AllowedChannels
+) -> None:
     status, me = await rest.get("/users/@me")
     if status == 401:
         report.fail("Discord token", f"Discord refused it (401 Unauthorized): {TOKEN_FIX}")
@@ -458,11 +481,11 @@ async def _check_discord(settings: Settings, report: Report, rest: DiscordRest) 
             views.append(view)
     if len(guilds) > MAX_GUILDS:
         report.ok(f"channel permissions: checked the first {MAX_GUILDS} of {len(guilds)} servers")
-    wanted = configured_channels(settings)
-    if wanted:
-        await _check_named_channels(wanted, views, user_id, report, rest)
-    else:
-        for view in views:
+    for view in views:
+        named = allowed.get(int(view.guild["id"]))
+        if named:
+            _check_allowed_channels(view, named, user_id, report)
+        else:
             _check_all_channels(view, user_id, report)
 
 
@@ -523,24 +546,19 @@ def _check_all_channels(view: _GuildView, user_id: int, report: Report) -> None:
     report.ok(f"server {guild_name}: the bot can post in {len(usable)} channel(s) ({shown}){note}")
 
 
-async def _check_named_channels(
-    wanted: list[int], views: list[_GuildView], user_id: int, report: Report, rest: DiscordRest
-) -> None:
-    """Each named channel must exist in one of the bot's servers and have all it needs."""
-    known = {int(c["id"]): (view, c) for view in views for c in view.channels}
-    for channel_id in wanted:
-        found = known.get(channel_id)
-        if found is None:
-            status, _ = await rest.get(f"/channels/{channel_id}")
-            reason = "not found" if status == 404 else f"not visible to the bot (HTTP {status})"
+def _check_allowed_channels(view: _GuildView, named: Iterable[int], user_id: int, report: Report) -> None:
+    """Each channel the server's admins allowed must exist and have all the bot needs."""
+    guild_name = view.guild.get("name", view.guild["id"])
+    known = {int(c["id"]): c for c in view.channels}
+    for channel_id in named:
+        channel = known.get(channel_id)
+        if channel is None:
             report.fail(
-                f"channel {channel_id}",
-                f"{reason} in the bot's servers: check the id in PONY_DOCTOR_CHANNELS (Developer Mode >"
-                " right-click the channel > Copy Channel ID) and that the bot is in that server",
+                f"channel {channel_id} (allowed in {guild_name})",
+                "no such channel in that server any more: remove it with `/pony-admin channels disallow`",
             )
             continue
-        view, channel = found
-        label = f"channel #{channel.get('name', channel_id)} ({channel_id})"
+        label = f"channel #{channel.get('name', channel_id)} ({channel_id}) in {guild_name}"
         missing = missing_permissions(channel_permissions(view.guild, view.roles, user_id, channel))
         if missing:
             report.fail(label, _missing_fix(missing))
@@ -555,11 +573,11 @@ async def run_checks(settings: Settings, report: Report) -> None:
     """Run every check after the settings, printing one line each."""
     check_settings(settings, report)
     check_data_folder(settings, report)
-    await check_database(settings, report)
+    allowed = await check_database(settings, report)
     generator = await check_model(settings, report)
     await check_upscaler(settings, report, generator)
     await check_metrics(settings, report)
-    await check_discord(settings, report)
+    await check_discord(settings, report, allowed)
 
 
 def main(out: TextIO | None = None) -> int:

@@ -8,13 +8,16 @@ module imports the generator lazily, inside the thread, so `bot/` never imports 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from generator.config import GeneratorConfig
@@ -22,6 +25,19 @@ from generator.errors import GeneratorError, ModelLoadError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+TIMELINE_LEN = 1024
+
+
+@dataclass(frozen=True)
+class GpuCall:
+    """One generator call as seen by the GPU thread (`time.perf_counter` seconds)."""
+
+    method: str
+    start: float
+    end: float
+    ok: bool
 
 
 class EngineState(enum.StrEnum):
@@ -53,6 +69,8 @@ class Engine:
         self._load_task: asyncio.Task[None] | None = None
         #: the thread id of the GPU thread, for instrumentation
         self.gpu_thread_ident: int | None = None
+        #: the latest generator calls, as timed in the GPU thread (benchmarks, tests, /healthz)
+        self.timeline: collections.deque[GpuCall] = collections.deque(maxlen=TIMELINE_LEN)
 
     def start_loading(self) -> asyncio.Task[None]:
         """Begin loading the model in the GPU thread; returns the task (never raises)."""
@@ -111,7 +129,23 @@ class Engine:
                 else f"The generator is unavailable: {self.error}"
             )
         fn = functools.partial(getattr(self.generator, method), *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, method, fn)
+
+    def _timed(self, method: str, fn: Callable[[], T]) -> T:
+        """Run `fn` in the GPU thread and record when it started and ended (`timeline`)."""
+        start = time.perf_counter()
+        ok = False
+        try:
+            result = fn()
+            ok = True
+            return result
+        finally:
+            self.timeline.append(GpuCall(method, start, time.perf_counter(), ok))
+
+    def idle_gaps(self, calls: list[GpuCall] | None = None) -> list[float]:
+        """Seconds the GPU thread sat idle between consecutive calls (of `calls`, default the timeline)."""
+        calls = list(self.timeline) if calls is None else calls
+        return [b.start - a.end for a, b in itertools.pairwise(calls)]
 
     def gpu_memory(self) -> tuple[str, int, int] | None:
         """(GPU name, bytes in use, total bytes) when on CUDA, else None. Cheap; any thread."""

@@ -3,8 +3,8 @@
 A guild's rules are the global settings with its `/pony-admin` overrides (`bot.guild_settings`)
 applied: the `Policy`. Outside age-restricted channels the blocked terms (global and the guild's)
 are matched against the prompt after normalisation (NFKC, case-folded, invisible characters
-removed; punctuation counts as a word break, and letters spelled out one by one, "n.u.d.e", are
-joined) and the default negative prompt is added; age-restricted channels get their own default
+removed; punctuation counts as a word break, and a term spelled out one character at a time,
+"n.u.d.e", still counts) and the default negative prompt is added; age-restricted channels get their own default
 negative and no term filter.
 """
 
@@ -34,8 +34,8 @@ NO_JOB = "That job no longer exists."
 NSFW_ONLY = "That job was made in an age-restricted channel; use it there."
 
 _WORDS = re.compile(r"[^\W_]+")
-#: separators between two one-character words ("n.u.d.e", "n u d e")
-_SPELLED = re.compile(r"(?<=(?<!\w)\w) (?=\w(?!\w))")
+#: a run of one-character words ("n u d e" after normalisation): a term spelled out
+_SPELLED_RUN = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
 
 
 def channel_is_nsfw(channel: object) -> bool:
@@ -44,7 +44,7 @@ def channel_is_nsfw(channel: object) -> bool:
     return bool(is_nsfw()) if callable(is_nsfw) else bool(getattr(channel, "nsfw", False))
 
 
-def _words(text: str) -> str:
+def normalize_term(text: str) -> str:
     """Normalised text as words separated by single spaces (punctuation and `_` break words)."""
     return " ".join(_WORDS.findall(normalize_for_matching(text)))
 
@@ -56,18 +56,20 @@ def _unspaced_script(term: str) -> bool:
 
 def find_blocked_term(prompt: str, terms: Iterable[str]) -> str | None:
     """The first blocked term found in `prompt` (whole words, after normalisation), or None."""
-    text = _words(prompt)
-    candidates = {text, _SPELLED.sub("", text)}
+    text = normalize_term(prompt)
+    spelled = [m.group().replace(" ", "") for m in _SPELLED_RUN.finditer(text)]
     for term in terms:
-        norm = _words(term)
+        norm = normalize_term(term)
         if not norm:
             continue
+        squashed = norm.replace(" ", "")
         if _unspaced_script(norm):
-            if any(norm in c.replace(" ", "") for c in candidates):
+            if squashed in text.replace(" ", ""):
                 return term
             continue
-        pattern = re.compile(rf"(?<!\S){re.escape(norm)}(?!\S)")
-        if any(pattern.search(c) for c in candidates):
+        if re.search(rf"(?<!\S){re.escape(norm)}(?!\S)", text):
+            return term
+        if len(squashed) > 1 and any(squashed in run for run in spelled):
             return term
     return None
 

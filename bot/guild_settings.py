@@ -142,7 +142,9 @@ class GuildSettingsStore:
         """Forget every override of the guild (bans are kept)."""
         await self._rows("DELETE FROM guild_settings WHERE guild_id = :guild", {"guild": guild_id})
 
-    async def _list_change(self, sql: str, column: str, guild_id: int, by: int | None, value: Any) -> GuildSettings:
+    async def _list_change(
+        self, sql: str, column: str, guild_id: int, by: int | None, value: Any
+    ) -> GuildSettings:
         assert column in _LIST_COLUMNS
         params = {"guild": guild_id, "value": value, "now": self._clock(), "by": by}
         return await self._settings(guild_id, sql.format(col=column), params)

@@ -29,7 +29,7 @@ async def _stats_message(settings: Settings) -> tuple[discord.Embed, discord.Fil
     from bot.stats import compute_stats, format_stats, hourly_series, render_chart  # matplotlib: lazy
 
     now = time.time()
-    conn = await connect(settings.db_path)
+    conn = await connect(settings.db_path, busy_timeout_ms=settings.db_busy_timeout_ms)
     try:
         stats = await compute_stats(conn, now=now)
         series = await hourly_series(conn, now=now)

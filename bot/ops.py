@@ -92,7 +92,7 @@ class Ops:
 
     async def start(self) -> None:
         """Open the ops connection, start the periodic tasks and (if configured) the metrics server."""
-        self.conn = await connect(self.settings.db_path)
+        self.conn = await connect(self.settings.db_path, busy_timeout_ms=self.settings.db_busy_timeout_ms)
         self._spawn(self._every(REFRESH_S, self.refresh), "ponybot-metrics-refresh")
         self._spawn(self._every(self.settings.retention_every_min * 60.0, self.prune), "ponybot-retention")
         if self.settings.metrics_port is not None:

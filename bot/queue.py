@@ -198,6 +198,11 @@ class RecoveryReport:
     cancelled: list[int] = field(default_factory=list)
 
 
+def _images(job: Job) -> int:
+    """The number of images a job asks for (its params' `count`, 1 if absent)."""
+    return int(job.params.get("count") or 1)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -235,8 +240,11 @@ LIMIT 1
 """
 # The guild served least recently among those with waiting jobs (index queue_guilds_waiting).
 _NEXT_GUILD = "(SELECT guild_id FROM queue_guilds WHERE queued > 0 ORDER BY last_served_at, guild_id LIMIT 1)"
-_BATCH_FILTER = "\n      AND j.kind = 'txt2img'" + "".join(
-    f"\n      AND json_extract(j.params, '$.{name}') IS :{name}" for name in BATCH_KEY_FIELDS
+_BATCH_FILTER = (
+    "\n      AND j.kind = 'txt2img'"
+    + "".join(f"\n      AND json_extract(j.params, '$.{name}') IS :{name}" for name in BATCH_KEY_FIELDS)
+    # the images still free in the batch (`claim_batch`'s max_images)
+    + "\n      AND coalesce(json_extract(j.params, '$.count'), 1) <= :room"
 )
 _PICK = {
     (first_guild, batch): _PICK_SQL.format(
@@ -558,13 +566,17 @@ class JobQueue:
                 return None
             return await self._take(job_id, worker_id, now)
 
-    async def claim_batch(self, worker_id: str, max_jobs: int) -> list[Job]:
+    async def claim_batch(self, worker_id: str, max_jobs: int, *, max_images: int | None = None) -> list[Job]:
         """Claim the next job, plus up to `max_jobs - 1` queued txt2img jobs with the same batch key.
 
-        The extra jobs are picked in the same fair order as `claim` (each one marks its guild and
-        user served), all in one transaction. A first job that is not txt2img is returned alone.
-        Compatibility is read from the params JSON (`json_extract`), so the last, fruitless
-        search reads the queued jobs of users who have no compatible job.
+        The first job is always the fair pick (`claim`'s), whatever its image count. The extra jobs
+        are picked in the same fair order (each one marks its guild and user served), all in one
+        transaction, and only while the batch's images (the sum of the jobs' `count`) stay within
+        `max_images` (None: no image limit): a job that does not fit is left for a later claim,
+        and a smaller compatible job of the next user in fair order may fill the room instead.
+        A first job that is not txt2img is returned alone. Compatibility is read from the params
+        JSON (`json_extract`), so the last, fruitless search reads the queued jobs of users who
+        have no compatible job.
         """
         async with self._write():
             now = self._clock()
@@ -578,14 +590,16 @@ class JobQueue:
             if first.kind is not JobKind.TXT2IMG:
                 return jobs
             key = dict(zip(BATCH_KEY_FIELDS, first.batch_key, strict=True))
-            while len(jobs) < max_jobs:
-                job_id = await self._pick(now, key)
+            room = 2**31 if max_images is None else max_images - _images(first)
+            while len(jobs) < max_jobs and room > 0:
+                job_id = await self._pick(now, {**key, "room": room})
                 if job_id is None:
                     break
                 job = await self._take(job_id, worker_id, now)
                 if job is None:  # pragma: no cover
                     break
                 jobs.append(job)
+                room -= _images(job)
             return jobs
 
     async def extend_lease(self, job_id: int, worker_id: str) -> bool:

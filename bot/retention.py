@@ -3,7 +3,8 @@
 Only jobs in a terminal state (done/failed/cancelled/dead) are touched, never open ones
 (queued/running/generated), never a job that an open upscale/variation job names as its parent
 (that job still has to read the image), and never a file that an open job lists. Pruned jobs get
-`pruned_at` (migration 0002), so the bot can say "this image has expired" on old buttons.
+`pruned_at` (migration 0002); U/V buttons on a pruned result re-create the image from its
+parameters and seed (bot/worker.py `_source_image`). `bot.ops.Ops` runs `prune` periodically.
 
 `prune` writes in its own `BEGIN IMMEDIATE` ... `COMMIT`, so give it a connection that no other
 task is using for a transaction at the same time: best a dedicated one (`bot.db.connect`), not the

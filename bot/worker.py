@@ -1,9 +1,12 @@
 """The worker: drains the queue through the engine and hands results to delivery.
 
-One loop claims jobs (batched when compatible), runs them in the engine's GPU thread, and hands
-each finished job to a post-processing task: PNG encoding and disk writes (in an I/O thread),
-`mark_generated`, then delivery. The loop claims the next job right away, so the GPU never waits
-for an encode or an upload.
+One loop claims jobs (batched when compatible, at most `batch_size` images), runs them in the
+engine's GPU thread, and hands each finished job to a post-processing task: PNG encoding and disk
+writes (in an I/O thread), `mark_generated`, then delivery. Nothing Discord-bound is awaited
+between two generations: the "generating" status edit, failure and cancel notices, encodes and
+uploads all run in background tasks. When the running generation reports its last step, the next
+batch is claimed ahead (`_claim_ahead`), so the GPU thread gets it the moment it is free; the
+fair pick is thus made at most one VAE decode early.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bot.engine import Engine, EngineState
+from bot.logging_setup import log_job_event
 from bot.queue import Job, JobKind, JobQueue, JobStatus
 from generator.errors import Cancelled, GeneratorError
 from generator.params import GenerationParams
@@ -53,6 +57,12 @@ class _Running:
     timed_out: bool = False
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Read an abandoned generation's outcome so asyncio does not warn about it."""
+    if not task.cancelled():
+        task.exception()
+
+
 def new_worker_id() -> str:
     """A worker id unique to this process run."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -81,6 +91,8 @@ class Worker:
         self.images_dir = images_dir
         self.batch_size = batch_size
         self.job_timeout_s = job_timeout_s
+        #: after the watchdog fires, how long a generation may take to stop before its thread is abandoned
+        self.cancel_grace_s = 10.0
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.worker_id = new_worker_id()
@@ -95,6 +107,8 @@ class Worker:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ponybot-io")
         self._main: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        #: the next batch, claimed while the running generation finishes (see `_claim_ahead`)
+        self._ahead: asyncio.Future[list[Job]] | None = None
         self.current_job_ids: list[int] = []
         self.state = "starting"
 
@@ -127,6 +141,9 @@ class Worker:
                     running.cancel.set()
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(self._main, 10)
+        if self._ahead is not None:  # a claim ahead still in flight: its jobs are released below
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._ahead), 10)
         if self._post_tasks:
             await asyncio.wait(self._post_tasks, timeout=grace_s)
         for job_id in list(self._held):
@@ -155,10 +172,11 @@ class Worker:
                 await self._safe(self._redeliver())
             if self.paused or self.engine.state is not EngineState.READY:
                 self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
+                await self._release_ahead()
                 await self._idle()
                 continue
             try:
-                jobs = await self.queue.claim_batch(self.worker_id, self.batch_size)
+                jobs = await self._next_jobs()
             except Exception:
                 log.exception("claim failed; retrying")
                 await self._idle()
@@ -169,7 +187,53 @@ class Worker:
                 continue
             self.state = "generating"
             await self._process(jobs)
+        await self._release_ahead()
         self.state = "stopping"
+
+    async def _claim(self) -> list[Job]:
+        """Claim the next batch (at most `batch_size` images) and hold its leases."""
+        jobs = await self.queue.claim_batch(self.worker_id, self.batch_size, max_images=self.batch_size)
+        for job in jobs:
+            self._held.add(job.id)
+            self._running.setdefault(job.id, _Running(job))  # cancel requests reach it from now on
+        return jobs
+
+    def _claim_ahead(self) -> None:
+        """The running generation is at its last step: claim the next batch now (on the loop)."""
+        if (
+            self._ahead is None
+            and not self._stopping
+            and not self.paused
+            and self.engine.state is EngineState.READY
+        ):
+            self._ahead = asyncio.ensure_future(self._claim())
+
+    async def _next_jobs(self) -> list[Job]:
+        """The batch claimed ahead, if any (and not empty), else a fresh claim."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                jobs = await ahead
+            except Exception:
+                log.exception("claim ahead failed; claiming again")
+                jobs = []
+            if jobs:
+                return jobs
+        return await self._claim()
+
+    async def _release_ahead(self) -> None:
+        """Put a batch claimed ahead back in the queue (paused, model gone, stopping)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            jobs = await ahead
+        except Exception:
+            return
+        for job in jobs:
+            self._running.pop(job.id, None)
+            self._held.discard(job.id)
+            await self._safe(self.queue.release(job.id, self.worker_id))
 
     async def _redeliver(self) -> None:
         """Retry results whose delivery failed for a passing reason (Discord down, 5xx)."""
@@ -200,9 +264,10 @@ class Worker:
     async def _process(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._held.add(job.id)
-            self._running[job.id] = _Running(job)
-            log.info("job started", extra={"job_id": job.id, "user_id": job.user_id, "status": "running"})
-            await self._safe(self.delivery.job_started(job))
+            self._running.setdefault(job.id, _Running(job))
+            wait_s = (job.started_at or time.time()) - job.created_at
+            log_job_event(log, job.id, job.user_id, "running", wait_s=wait_s, attempt=job.attempts)
+            self._spawn(self._safe(self.delivery.job_started(job)))  # a Discord edit: never awaited here
         self.current_job_ids = [j.id for j in jobs]
         try:
             results = await self._generate(jobs)
@@ -225,11 +290,6 @@ class Worker:
             for job in jobs:
                 self._running.pop(job.id, None)
         for job, result in zip(jobs, results, strict=True):
-            if await self.queue.is_cancel_requested(job.id):
-                await self.queue.finish_cancelled(job.id)
-                self._held.discard(job.id)
-                await self._report(job.id)
-                continue
             self._spawn(self._save_and_deliver(job, result))
 
     async def _generate(self, jobs: list[Job]) -> list[Any]:
@@ -240,6 +300,8 @@ class Worker:
             for run in runs:
                 loop.call_soon_threadsafe(self.delivery.progress, run.job, step, total, preview)
             loop.call_soon_threadsafe(self.heartbeat)
+            if step >= total:  # only the decode is left: line up the next batch
+                loop.call_soon_threadsafe(self._claim_ahead)
 
         def should_cancel() -> bool:
             return all(r.cancel.is_set() for r in runs)
@@ -263,9 +325,12 @@ class Worker:
             for run in runs:
                 run.timed_out = True
                 run.cancel.set()
-            done, _ = await asyncio.wait({task}, timeout=10)
+            done, _ = await asyncio.wait({task}, timeout=self.cancel_grace_s)
             if not done:  # the GPU thread is hung: abandon it so the next job gets a fresh one
                 self.engine.replace_thread()
+                task.add_done_callback(_consume)
+            else:
+                _consume(task)
             raise JobTimeout(f"The generation took longer than {self.job_timeout_s:g} s and was stopped.")
         result = task.result()
         return result if isinstance(result, list) else [result]
@@ -301,20 +366,18 @@ class Worker:
                 self._held.discard(job.id)
                 continue
             self._held.discard(job.id)
-            log.info("job cancelled", extra={"job_id": job.id, "user_id": job.user_id, "status": "cancelled"})
-            await self._report(job.id)
+            log_job_event(log, job.id, job.user_id, "cancelled")
+            self._spawn(self._report(job.id))
 
     async def _fail(self, job: Job, exc: GeneratorError) -> None:
         updated = await self.queue.fail(job.id, str(exc), retryable=exc.retryable)
         self._held.discard(job.id)
-        log.info(
-            "job failed: %s",
-            exc,
-            extra={"job_id": job.id, "user_id": job.user_id, "status": updated.status},
+        log_job_event(
+            log, job.id, job.user_id, str(updated.status), error=str(exc), attempts=updated.attempts
         )
         if updated.status == JobStatus.QUEUED:
             self.wake()
-        await self._report(job.id)
+        self._spawn(self._report(job.id))  # a Discord edit: off the path to the next generation
 
     async def _report(self, job_id: int) -> None:
         job = await self.queue.get(job_id)
@@ -334,6 +397,11 @@ class Worker:
         task.add_done_callback(self._post_tasks.discard)
 
     async def _save_and_deliver(self, job: Job, result: Any) -> None:
+        if await self.queue.is_cancel_requested(job.id):  # cancelled while it ran: drop the images
+            await self.queue.finish_cancelled(job.id)
+            self._held.discard(job.id)
+            await self._report(job.id)
+            return
         try:
             files = await asyncio.get_running_loop().run_in_executor(self._io, self._save, job, result)
         except OSError as exc:
@@ -346,6 +414,7 @@ class Worker:
             self._held.discard(job.id)
             return
         self._held.discard(job.id)
+        log_job_event(log, job.id, job.user_id, "generated", gen_s=result.seconds, images=len(files))
         updated = await self.queue.get(job.id)
         if updated is not None:
             await self._deliver(updated)
@@ -354,11 +423,17 @@ class Worker:
         from generator.metadata import save_png
 
         folder = self.images_dir / str(job.id)
-        names = []
-        for index, img in enumerate(result.images, start=1):
-            name = f"{job.id}/ponybot-{job.id}-{index}.png"
-            save_png(img.image, self.images_dir / name, img.parameters)
-            names.append(name)
+        names: list[str] = []
+        try:
+            for index, img in enumerate(result.images, start=1):
+                name = f"{job.id}/ponybot-{job.id}-{index}.png"
+                names.append(name)
+                save_png(img.image, self.images_dir / name, img.parameters)
+        except OSError:  # e.g. disk full: leave no partial set of files behind
+            for name in names:
+                with contextlib.suppress(OSError):
+                    (self.images_dir / name).unlink(missing_ok=True)
+            raise
         log.debug("saved %d images to %s", len(names), folder)
         return names
 

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         gen_config = replace(gen_config, model=args.model)
     if args.device:
         gen_config = replace(gen_config, device=args.device)
+    # one run draws a few images: a compile warm-up (about a minute per shape) would cost far more
+    gen_config = replace(gen_config, compile=False)
     try:
         validate(params, max_pixels=gen_config.max_pixels, max_steps=gen_config.max_steps)
     except InvalidParams as exc:

@@ -82,7 +82,9 @@ def validate(
     if not params.prompt.strip():
         raise InvalidParams("The prompt is empty.")
     if len(params.prompt) > MAX_PROMPT_CHARS:
-        raise InvalidParams(f"The prompt is too long ({len(params.prompt)} characters; at most {MAX_PROMPT_CHARS}).")
+        raise InvalidParams(
+            f"The prompt is too long ({len(params.prompt)} characters; at most {MAX_PROMPT_CHARS})."
+        )
     if len(params.negative) > MAX_PROMPT_CHARS:
         raise InvalidParams(f"The negative prompt is too long (at most {MAX_PROMPT_CHARS} characters).")
     if not 0 <= params.seed <= MAX_SEED:

@@ -8,11 +8,15 @@ same pixels on the same device. On CPU that holds exactly even across batch size
 image by image inside a batched call (oneDNN/MKL kernels are not batch-size invariant; on a CPU a
 batch gains nothing anyway), and the VAE always decodes one image at a time. On CUDA a batch runs
 as one UNet batch for speed, and a batched image may differ from its single re-run in the last bits.
+
+Speed set-up per device (few-step LoRA, SDPA, torch.compile + CUDA graphs, warm-up) lives in
+`generator.fastpath`; a call never holds more than `config.batch_size` images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import math
@@ -24,8 +28,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from generator import fastpath
 from generator.config import GeneratorConfig
 from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
+from generator.fastpath import FastPathReport
 from generator.loader import LoadedModel, load_pipeline
 from generator.metadata import format_fields, format_parameters, read_parameters, to_params
 from generator.metadata import parse_parameters as _parse
@@ -33,7 +39,7 @@ from generator.params import MAX_GUIDANCE, MAX_SEED, MIN_GUIDANCE, GenerationPar
 from generator.preview import latents_to_preview
 from generator.prompts import encode
 from generator.samplers import SAMPLER_NAMES
-from generator.schedulers import make_scheduler
+from generator.schedulers import SAMPLER_CALL_KWARGS, make_scheduler
 from generator.upscale import Upscaler, load_upscaler, upscale_tiled
 
 log = logging.getLogger(__name__)
@@ -123,6 +129,10 @@ class Generator:
         self._scheduler_base = dict(self.pipe.scheduler.config)
         self._per_image_unet = False
         self._cfg = True  # whether the running call uses classifier-free guidance (2 UNet rows per image)
+        #: A1111 "Lora hashes" text of the fused few-step LoRA (fast mode), or None
+        self.fast_lora: str | None = None
+        self._samplers: tuple[str, ...] = SAMPLER_NAMES
+        self.fast_path: FastPathReport | None = None
         self._prepare_for_device()
 
     @classmethod
@@ -135,12 +145,35 @@ class Generator:
     # -- device set-up ---------------------------------------------------------------------------
 
     def _prepare_for_device(self) -> None:
-        """Per-device speed and determinism hooks. (torch.compile, when added, goes here.)"""
-        if self.device.startswith("cuda"):
-            self.pipe.unet.to(memory_format=torch.channels_last)
-            self.pipe.vae.to(memory_format=torch.channels_last)
-        elif self.device == "cpu":
+        """Per-device speed and determinism set-up (see `generator.fastpath`).
+
+        Every device: the optional few-step LoRA (fast mode), SDPA attention, optional fused QKV.
+        CUDA: channels-last, optional fp8, torch.compile + CUDA graphs with the start-up warm-up.
+        CPU: the UNet runs image by image inside a batch (exact batch-size invariance).
+        """
+        report = fastpath.prepare_model(self.pipe, self.config, self.device)
+        if report.fast_lora is not None:
+            self.fast_lora = report.fast_lora
+            self._samplers = (*SAMPLER_NAMES, self.config.fast_sampler)
+        if self.device == "cpu":
             self._install_per_image_unet()
+        self.fast_path = fastpath.accelerate(self, report)
+        log.info("%s", self.fast_path.summary())
+
+    def _effective(self, params: GenerationParams) -> GenerationParams:
+        """The request as it runs: in fast mode with the fast sampler, steps and guidance."""
+        if self.fast_lora is None:
+            return params
+        c = self.config
+        return replace(params, sampler=c.fast_sampler, steps=c.fast_steps, guidance=c.fast_guidance)
+
+    def _check(self, params: GenerationParams) -> GenerationParams:
+        return validate(
+            self._effective(params),
+            max_pixels=self.config.max_pixels,
+            max_steps=self.config.max_steps,
+            samplers=self._samplers,
+        )
 
     def _install_per_image_unet(self) -> None:
         """Run the UNet one image (its uncond + cond rows) at a time: batch-size invariant on CPU."""
@@ -238,6 +271,7 @@ class Generator:
             "generator": self._generators(seeds),
             "output_type": "latent",
             "callback_on_step_end": on_step_end,
+            **SAMPLER_CALL_KWARGS.get(sampler, {}),
         }
         if init_image is None:
             out = self.pipe(width=width, height=height, **kwargs)
@@ -252,15 +286,16 @@ class Generator:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         if not fp32:
             return vae.decode(latents.to(vae.dtype) / scale + shift, return_dict=False)[0]
-        original = vae.dtype
-        if original == torch.float32:
+        if vae.dtype == torch.float32:
             return vae.decode(latents.float() / scale + shift, return_dict=False)[0]
-        # plain nn.Module.to: diffusers' override warns about fp32 modules on every cast
-        torch.nn.Module.to(vae, torch.float32)
+        # A float32 copy for this rare retry: the shared half-precision weights stay where they are
+        # (compiled code and CUDA graphs hold their addresses). The class's own decode bypasses the
+        # compiled route installed on the instance. Plain nn.Module.to: diffusers' override warns.
+        vae32 = torch.nn.Module.to(copy.deepcopy(vae), torch.float32)
         try:
-            return vae.decode(latents.float() / scale + shift, return_dict=False)[0]
+            return type(vae32).decode(vae32, latents.float() / scale + shift, return_dict=False)[0]
         finally:
-            torch.nn.Module.to(vae, original)
+            del vae32
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Decode one image at a time; a NaN/black decode is retried once with the VAE in fp32."""
@@ -280,6 +315,8 @@ class Generator:
         return encode(self.pipe, [params.prompt], [params.negative])
 
     def _parameters(self, params: GenerationParams, seed: int, extra: dict[str, Any] | None = None) -> str:
+        if self.fast_lora is not None:
+            extra = {**(extra or {}), "Lora hashes": self.fast_lora}
         return format_parameters(
             params, seed, model_name=self.model_name, model_hash=self.model_hash, extra=extra
         )
@@ -295,7 +332,7 @@ class Generator:
         should_cancel: CancelFn | None = None,
     ) -> GenerationResult:
         """Generate `params.count` images, image i with seed `params.seed + i`."""
-        params = validate(params, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps)
+        params = self._check(params)
         return self._txt2img_many([params], progress, want_preview, should_cancel)[0]
 
     def txt2img_batch(
@@ -309,13 +346,12 @@ class Generator:
 
         Each result's `seconds` is the batch time shared out by image count. Prompts whose
         encodings differ in length (over 75 tokens) run in separate calls, so that no request's
-        conditioning is padded differently than when run alone.
+        conditioning is padded differently than when run alone, and no call holds more than
+        `config.batch_size` images (the memory bound; the compiled shapes are warmed up to it).
         """
         if not requests:
             return []
-        checked = [
-            validate(p, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps) for p in requests
-        ]
+        checked = [self._check(p) for p in requests]
         if len({p.batch_key() for p in checked}) != 1:
             raise InvalidParams("Requests in one batch must share size, steps, sampler and guidance.")
         return self._txt2img_many(checked, progress, False, should_cancel)
@@ -331,15 +367,19 @@ class Generator:
         first = requests[0]
         with self._guard():
             encoded = [self._encode(p) for p in requests]
-            groups: dict[int, list[int]] = {}
+            # (request, image index) entries grouped by conditioning length, then cut into calls
+            # of at most `config.batch_size` images (the memory bound and the warmed shapes)
+            groups: dict[int, list[tuple[int, int]]] = {}
             for r, (pos, _) in enumerate(encoded):
-                groups.setdefault(pos.shape[1], []).append(r)
-            images: dict[int, list[Image.Image]] = {}
-            for g, members in enumerate(groups.values()):
-                pos = torch.cat([encoded[r][0].expand(requests[r].count, -1, -1) for r in members])
-                neg = torch.cat([encoded[r][1].expand(requests[r].count, -1, -1) for r in members])
-                seeds = [_seed(requests[r].seed, i) for r in members for i in range(requests[r].count)]
-                step_progress = _part_progress(progress, g, len(groups))
+                groups.setdefault(pos.shape[1], []).extend((r, i) for i in range(requests[r].count))
+            cap = max(1, self.config.batch_size)
+            calls = [entries[k : k + cap] for entries in groups.values() for k in range(0, len(entries), cap)]
+            images: dict[int, list[Image.Image]] = {r: [] for r in range(len(requests))}
+            for c, chunk in enumerate(calls):
+                pos = torch.cat([encoded[r][0] for r, _ in chunk])
+                neg = torch.cat([encoded[r][1] for r, _ in chunk])
+                seeds = [_seed(requests[r].seed, i) for r, i in chunk]
+                step_progress = _part_progress(progress, c, len(calls))
                 latents = self._sample(
                     prompt_embeds=pos,
                     negative_embeds=neg,
@@ -353,9 +393,8 @@ class Generator:
                     want_preview=want_preview,
                     should_cancel=should_cancel,
                 )
-                decoded = self._decode(latents)
-                for r in members:
-                    images[r], decoded = decoded[: requests[r].count], decoded[requests[r].count :]
+                for (r, _), image in zip(chunk, self._decode(latents), strict=True):
+                    images[r].append(image)
         seconds = time.perf_counter() - start
         total_images = sum(p.count for p in requests)
         results = []
@@ -408,7 +447,7 @@ class Generator:
 
         `strength` defaults to `config.variation_strength` (0 keeps the image, 1 ignores it).
         """
-        params = validate(params, max_pixels=self.config.max_pixels, max_steps=self.config.max_steps)
+        params = self._check(params)
         strength = self.config.variation_strength if strength is None else float(strength)
         if not 0.0 < strength <= 1.0:
             raise InvalidParams("Variation strength must be above 0 and at most 1.")
@@ -461,7 +500,7 @@ class Generator:
             params = to_params(_parse(text)) if text else GenerationParams(prompt="")
             if not text:
                 params = replace(params, width=source.width, height=source.height)
-        params = self._usable(replace(params, count=1))
+        params = self._effective(self._usable(replace(params, count=1)))
         with self._guard():
             if self.upscaler is not None:
                 out = upscale_tiled(self.upscaler, source, progress=progress, should_cancel=should_cancel)

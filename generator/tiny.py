@@ -144,3 +144,42 @@ def write_tiny_esrgan(path: Path, seed: int = 0) -> Path:
     else:
         torch.save(state, path)
     return path
+
+
+def write_random_lora(
+    model_dir: Path, path: Path, *, rank: int = 4, seed: int = 0, scale: float = 0.5
+) -> Path:
+    """Write a random LoRA for the UNet of the diffusers folder `model_dir` to `path` (.safetensors).
+
+    The layout is what `StableDiffusionPipeline.save_lora_weights` writes (and what LCM-LoRA,
+    TCD and Hyper-SD files use): rank-`rank` adapters on every attention's to_q/to_k/to_v/to_out.0,
+    with random up and down weights (`scale` their standard deviation) so that fusing it changes
+    the images. Needs peft. For tests and benchmarks of the fast mode: the images are noise.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet", torch_dtype=torch.float32)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=True,
+        )
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=layers, weight_name=path.name, safe_serialization=True
+    )
+    return path

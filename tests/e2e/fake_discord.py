@@ -62,12 +62,14 @@ The first followup after a deferred (type 5) callback fills the "thinking" messa
 (filling it, by followup or by editing @original, does not count as an edit). Gateway MESSAGE_CREATE/
 UPDATE/DELETE events are sent for the bot's own non-ephemeral messages too, as Discord does.
 
-Driving: ``await slash(name, options=None, *, user=None, channel_id=None, subcommand=None)``
-(``subcommand`` "sub" or "group sub"; option types from the synced schema, else inferred from Python
-types: bool, int, float, str, FakeUser, FakeChannel, bytes/(filename, bytes[, content_type]) for
-attachments; checks required options, choices, min/max, ``default_member_permissions`` and nsfw
-like the Discord client would, raising ValueError); ``await click(message_id, custom_id, *, user=None,
-values=None)``; ``await submit_modal(interaction, values, *, user=None)``;
+Driving: ``await slash(name, options=None, *, user=None, channel_id=None, subcommand=None,
+validate=True)`` (``subcommand`` "sub" or "group sub"; option types from the synced schema, else
+inferred from Python types: bool, int, float, str, FakeUser, FakeChannel, bytes/(filename, bytes[,
+content_type]) for attachments; checks required options, choices, min/max, ``default_member_permissions``
+and nsfw like the Discord client would, raising ValueError; ``validate=False`` skips those checks, as a
+modified client would); ``await click(message_id, custom_id, *, user=None, values=None,
+validate=True)`` (``validate=False``: a forged press, any custom_id on any known message, even a
+deleted one); ``await submit_modal(interaction, values, *, user=None)``;
 ``await user_message(content, *, user=None, channel_id=None, files=None, reference=None)``
 (``files``: [(filename, bytes)]). They raise RuntimeError before a bot has identified.
 ``FakeInteraction``: ``id``, ``token``, ``type``, ``channel_id``, ``user_id``, ``payload``,
@@ -2375,21 +2377,28 @@ class FakeDiscord:
         user: FakeUser | int | str | None = None,
         channel_id: int | None = None,
         subcommand: str | None = None,
+        validate: bool = True,
     ) -> FakeInteraction:
-        """A member runs ``/name [subcommand] options...`` (INTERACTION_CREATE type 2)."""
+        """A member runs ``/name [subcommand] options...`` (INTERACTION_CREATE type 2).
+
+        ``validate=False`` sends what a modified client could: no check of required options,
+        choices, min/max, lengths, ``default_member_permissions`` or nsfw (types still follow the schema).
+        """
         member = self._user(user)
         channel = self._interaction_channel(channel_id)
         command = self.find_command(name)
         schema: list[dict[str, Any]] | None = None
         if command is not None:
             required = command.get("default_member_permissions")
-            if required is not None and self.member_permissions(member, channel.id) & int(required) != int(
-                required
+            if (
+                validate
+                and required is not None
+                and self.member_permissions(member, channel.id) & int(required) != int(required)
             ):
                 raise ValueError(
                     f"{member.username} cannot see /{name} (default_member_permissions={required})"
                 )
-            if command.get("nsfw") and not channel.nsfw:
+            if validate and command.get("nsfw") and not channel.nsfw:
                 raise ValueError(f"/{name} is age-restricted and #{channel.name} is not")
             schema = command.get("options") or []
         path = subcommand.split() if subcommand else []
@@ -2406,7 +2415,7 @@ class FakeDiscord:
         if schema is not None and any(o.get("type") in (1, 2) for o in schema):
             raise ValueError(f"/{name} {subcommand or ''} needs a subcommand".replace("  ", " "))
         resolved: dict[str, dict[str, Any]] = {}
-        built = self._build_options(schema, options or {}, resolved, channel)
+        built = self._build_options(schema, options or {}, resolved, channel, validate=validate)
         for part, ptype in reversed(containers):
             built = [{"type": ptype, "name": part, "options": built}]
         data: dict[str, Any] = {
@@ -2443,6 +2452,8 @@ class FakeDiscord:
         values: dict[str, Any],
         resolved: dict[str, dict[str, Any]],
         channel: FakeChannel,
+        *,
+        validate: bool = True,
     ) -> list[dict[str, Any]]:
         specs = {o["name"]: o for o in schema or []}
         built = []
@@ -2455,10 +2466,12 @@ class FakeDiscord:
                 {
                     "name": name,
                     "type": otype,
-                    "value": self._option_value(name, otype, value, spec, resolved, channel),
+                    "value": self._option_value(
+                        name, otype, value, spec, resolved, channel, validate=validate
+                    ),
                 }
             )
-        if schema is not None:
+        if schema is not None and validate:
             missing = [o["name"] for o in schema if o.get("required") and o["name"] not in values]
             if missing:
                 raise ValueError(f"missing required options {missing}")
@@ -2472,13 +2485,16 @@ class FakeDiscord:
         spec: dict[str, Any],
         resolved: dict[str, dict[str, Any]],
         channel: FakeChannel,
+        *,
+        validate: bool = True,
     ) -> Any:
         kind = _OPTION_TYPE_NAMES.get(otype, str(otype))
         if otype == 3:
             if not isinstance(value, str):
                 raise ValueError(f"option {name!r} is a {kind}, got {value!r}")
-            if len(value) < int(spec.get("min_length") or 0) or len(value) > int(
-                spec.get("max_length") or 6000
+            if validate and (
+                len(value) < int(spec.get("min_length") or 0)
+                or len(value) > int(spec.get("max_length") or 6000)
             ):
                 raise ValueError(f"option {name!r}: length {len(value)} outside the allowed range")
         elif otype in (4, 10):
@@ -2488,9 +2504,9 @@ class FakeDiscord:
                 or (otype == 4 and not isinstance(value, int))
             ):
                 raise ValueError(f"option {name!r} is a {kind}, got {value!r}")
-            if spec.get("min_value") is not None and value < spec["min_value"]:
+            if validate and spec.get("min_value") is not None and value < spec["min_value"]:
                 raise ValueError(f"option {name!r}: {value} < min_value {spec['min_value']}")
-            if spec.get("max_value") is not None and value > spec["max_value"]:
+            if validate and spec.get("max_value") is not None and value > spec["max_value"]:
                 raise ValueError(f"option {name!r}: {value} > max_value {spec['max_value']}")
         elif otype == 5:
             if not isinstance(value, bool):
@@ -2527,7 +2543,7 @@ class FakeDiscord:
         else:
             raise ValueError(f"option {name!r}: unsupported option type {otype}")
         choices = spec.get("choices")
-        if choices and value not in [c["value"] for c in choices]:
+        if validate and choices and value not in [c["value"] for c in choices]:
             raise ValueError(f"option {name!r}: {value!r} is not one of {[c['value'] for c in choices]}")
         return value
 
@@ -2552,14 +2568,21 @@ class FakeDiscord:
         *,
         user: FakeUser | int | str | None = None,
         values: list[str] | None = None,
+        validate: bool = True,
     ) -> FakeInteraction:
-        """A member uses a component of a message (INTERACTION_CREATE type 3)."""
+        """A member uses a component of a message (INTERACTION_CREATE type 3).
+
+        ``validate=False`` forges the press the way a modified client could: any ``custom_id``
+        (sent as a button) on any message the fake knows, deleted or not.
+        """
         message = self.messages.get(int(message_id))
-        if message is None or message.deleted:
+        if message is None or (message.deleted and validate):
             raise ValueError(f"no message {message_id}")
         component = next(
             (c for c in _walk_components(message.components) if c.get("custom_id") == custom_id), None
         )
+        if component is None and not validate:
+            component = {"type": 2, "custom_id": custom_id}
         if component is None:
             raise ValueError(
                 f"message {message_id} has no component {custom_id!r}; buttons: {message.buttons()}"

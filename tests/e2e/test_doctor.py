@@ -17,6 +17,10 @@ from fake_discord import (
     FakeDiscord,
 )
 
+from bot.guild_settings import GuildSettingsStore
+from bot.queue import JobQueue, QueueLimits
+
+ROOT = Path(__file__).resolve().parents[2]
 #: deliberately not token-shaped, so the test proves it is never printed (not just redacted by shape)
 SECRET = "s3cret-doctor-token-value"
 
@@ -35,7 +39,9 @@ def doctor_env(fake: FakeDiscord, tmp_path: Path, model: Path, **extra: object) 
     """The process environment: this machine's, minus any ponybot settings, plus the test's."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PONY_", "DISCORD_"))}
     env = bot_env(fake, tmp_path / "data", model, HF_HUB_OFFLINE="1", **extra)
-    return {**base, **env}
+    # run this checkout's code, whatever the environment's editable install points at
+    python_path = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH", "")) if p)
+    return {**base, **env, "PYTHONPATH": python_path}
 
 
 async def run_doctor(env: dict[str, str], cwd: Path) -> tuple[int, list[str], str]:
@@ -107,7 +113,9 @@ async def test_bad_token(fake: FakeDiscord, tiny_model: Path, tmp_path: Path) ->
 
 
 async def test_missing_permission(fake: FakeDiscord, tiny_model: Path, tmp_path: Path) -> None:
-    fake.set_bot_permissions(fake.channel_id, VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | READ_MESSAGE_HISTORY)
+    fake.set_bot_permissions(
+        fake.channel_id, VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | READ_MESSAGE_HISTORY
+    )
     # every text channel the bot can see
     rc, lines, everything = await run_doctor(doctor_env(fake, tmp_path, tiny_model), tmp_path)
     assert rc == 1, everything
@@ -119,16 +127,26 @@ async def test_missing_permission(fake: FakeDiscord, tiny_model: Path, tmp_path:
     assert "#nsfw" in line_starting(lines, "ok  server Pony Test Guild: the bot can post in 1 channel(s)")
     assert_secret_kept(everything)
 
-    # only the channels the admin names; an unknown one is reported too
+    # where the server's admins restricted the bot (/pony-admin channels allow), only those count
     unknown = 1_000_000_000_000_000_999
-    env = doctor_env(
-        fake, tmp_path, tiny_model, PONY_DOCTOR_CHANNELS=f"{fake.channel_id}, {fake.nsfw_channel_id},{unknown}"
-    )
-    rc, lines, everything = await run_doctor(env, tmp_path)
+    queue = await JobQueue.open(tmp_path / "data" / "jobs.sqlite3", QueueLimits())
+    try:
+        store = GuildSettingsStore(queue)
+        for channel_id in (fake.channel_id, fake.nsfw_channel_id, unknown):
+            await store.allow_channel(fake.guild_id, fake.admin.id, channel_id)
+    finally:
+        await queue.close()
+    rc, lines, everything = await run_doctor(doctor_env(fake, tmp_path, tiny_model), tmp_path)
     assert rc == 1, everything
-    assert line_starting(lines, f"FAIL channel #general ({fake.channel_id}): missing Attach Files: ")
-    assert line_starting(lines, f"ok  channel #nsfw ({fake.nsfw_channel_id}): the bot has View Channel, ")
-    assert line_starting(lines, f"FAIL channel {unknown}: not found in the bot's servers")
+    guild = "Pony Test Guild"
+    assert line_starting(
+        lines, f"FAIL channel #general ({fake.channel_id}) in {guild}: missing Attach Files: "
+    )
+    assert line_starting(
+        lines, f"ok  channel #nsfw ({fake.nsfw_channel_id}) in {guild}: the bot has View Channel, "
+    )
+    assert line_starting(lines, f"FAIL channel {unknown} (allowed in {guild}): no such channel")
+    assert not [line for line in lines if line.startswith("ok  server ")]
     assert_secret_kept(everything)
 
 

@@ -114,7 +114,9 @@ def test_batched_equals_unbatched(generator: Generator, params: GenerationParams
     ]
     seen: list[tuple[int, int]] = []
     batched = generator.txt2img_batch(requests, progress=lambda s, n, pv: seen.append((s, n)))
-    assert seen[-1] == (6, 6)  # two pipeline calls of 3 steps, reported as one count
+    # three pipeline calls of 3 steps, reported as one count: the 6 short-prompt images cut at
+    # config.batch_size (4) into 4 + 2, and the long prompt's own call
+    assert seen[-1] == (9, 9)
     assert len(batched) == 4
     for request, result in zip(requests, batched, strict=True):
         assert [im.seed for im in result.images] == [request.seed + i for i in range(request.count)]
