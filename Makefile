@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench-queue bench-generate bench-bot
+.PHONY: run test lint bench-queue bench-generate bench-bot bench-speed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,9 @@ bench-queue: $(VENV)/.installed-test
 
 bench-generate: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/generate_bench.py --tiny
+
+# speed (issue #6) on the CPU with the tiny model; on a GPU drop --tiny (see benchmarks/README.md)
+bench-speed: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench_latency.py --tiny --fast-mode
+	$(BIN)/python benchmarks/bench_throughput.py --tiny
+	$(BIN)/python benchmarks/bench_bot_path.py --tiny

@@ -123,7 +123,11 @@ class JobActions:
             await self._tell(interaction, BUSY)
 
     async def cancel_job(self, job: Job) -> str:
-        """Cancel a job (no permission check) and tell its channel; return what to tell the asker."""
+        """Cancel a job (no permission check) and tell its channel.
+
+        Returns `JobQueue.cancel`'s outcome: "cancelled", "requested" (running: stops at its next
+        step) or "not_open"; `cancel_text` words it.
+        """
         outcome = await self.bot.queue.cancel(job.id)
         if outcome == "cancelled":
             cancelled = await self.bot.queue.get(job.id)
@@ -131,16 +135,14 @@ class JobActions:
                 await self.bot.delivery.report_failure(cancelled)
                 self.bot.ops.job_finished(cancelled)  # never reached the worker: count it here
             log_job_event(log, job.id, job.user_id, "cancelled")
-            return f"Job #{job.id} cancelled."
-        if outcome == "requested":
+        elif outcome == "requested":
             self.bot.worker.request_cancel(job.id)
-            return f"Stopping job #{job.id}…"
-        return f"Job #{job.id} has already finished."
+        return outcome
 
     async def _cancel(self, interaction: discord.Interaction, job: Job) -> None:
         if interaction.user.id != job.user_id:
             raise Refusal("Only the person who asked for this job can cancel it.")
-        await self._tell(interaction, await self.cancel_job(job))
+        await self._tell(interaction, cancel_text(job.id, await self.cancel_job(job)))
 
     async def _delete(self, interaction: discord.Interaction, job: Job) -> None:
         perms = interaction.permissions
@@ -286,3 +288,12 @@ def _names_job(message: discord.Message, job_id: int) -> bool:
     """True when one of the message's embeds has the job's footer."""
     footer = footer_text(job_id)
     return any(e.footer and e.footer.text == footer for e in message.embeds)
+
+
+def cancel_text(job_id: int, outcome: str) -> str:
+    """What to tell whoever cancelled a job, from `JobActions.cancel_job`'s outcome."""
+    if outcome == "cancelled":
+        return f"Job #{job_id} cancelled."
+    if outcome == "requested":
+        return f"Stopping job #{job_id}…"
+    return f"Job #{job_id} has already finished."

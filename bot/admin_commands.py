@@ -17,6 +17,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
+from bot.actions import cancel_text
 from bot.config import Settings
 from bot.guard import Policy, normalize_term
 from bot.guild_settings import GuildSettings, GuildSettingsStore
@@ -179,10 +180,10 @@ async def _purge(bot: Any, guild_id: int, user_id: int) -> tuple[int, int]:
     for job in await bot.queue.open_jobs(user_id):
         if job.guild_id != guild_id or job.status is JobStatus.GENERATED:
             continue
-        text = await bot.actions.cancel_job(job)
-        if text.startswith("Stopping"):
+        outcome = await bot.actions.cancel_job(job)
+        if outcome == "requested":
             stopping += 1
-        elif text.endswith("cancelled."):
+        elif outcome == "cancelled":
             cancelled += 1
     return cancelled, stopping
 
@@ -244,7 +245,7 @@ def admin_group(settings: Settings) -> app_commands.Group:
         if found is None or found.guild_id != interaction.guild_id:
             return f"There is no job #{job} in this server."
         log.info("admin cancel", extra={"job_id": job, "user_id": interaction.user.id})
-        return await bot.actions.cancel_job(found)
+        return cancel_text(job, await bot.actions.cancel_job(found))
 
     @_admin_command(group, "purge", "Cancel all open jobs of a member")
     @app_commands.describe(user="Whose jobs to cancel")

@@ -23,6 +23,7 @@ from bot.guard import Guard
 from bot.info_commands import info_commands
 from bot.member_commands import member_commands
 from bot.ops import Ops
+from bot.output_filter import OutputFilter
 from bot.queue import JobQueue, QueueLimits
 from bot.worker import Worker
 
@@ -62,6 +63,8 @@ class PonyBot(discord.Client):
             heartbeat=self.ops.worker_heartbeat,
             on_finished=self.ops.job_finished,
         )
+        if settings.nsfw_classifier is not None:
+            self.worker.screen = OutputFilter(settings, engine, self).screen
 
     async def setup_hook(self) -> None:
         """Register persistent buttons and commands, sync them, start the model and the worker."""

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
         validation_alias=_env("PONY_NSFW_DEFAULT_NEGATIVE"),
     )
     blocked_terms: str = Field("", validation_alias=_env("PONY_BLOCKED_TERMS"))
+    nsfw_classifier: Path | None = Field(None, validation_alias=_env("PONY_NSFW_CLASSIFIER"))
+    nsfw_labels: str = Field("nsfw,porn,hentai,sexy", validation_alias=_env("PONY_NSFW_LABELS"))
+    nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0, validation_alias=_env("PONY_NSFW_THRESHOLD"))
 
     # --- Queue ---------------------------------------------------------------------------------
     max_open_jobs_per_user: int = Field(3, ge=1, validation_alias=_env("PONY_MAX_OPEN_JOBS_PER_USER"))
@@ -117,12 +120,12 @@ class Settings(BaseSettings):
     @classmethod
     def _sizes(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "none"):
+        if value in ("auto", "all", "none"):
             return value
         for item in value.split(","):
             w, _, h = item.strip().partition("x")
             if not (w.isdigit() and h.isdigit() and int(w) >= 64 and int(h) >= 64):
-                raise ValueError("use auto, none, or sizes like 512x512,512x768")
+                raise ValueError("use auto, all, none, or sizes like 512x512,512x768")
             if int(w) % 64 or int(h) % 64:
                 raise ValueError(f"{item.strip()}: width and height must be multiples of 64")
         return value
@@ -141,17 +144,20 @@ class Settings(BaseSettings):
         if self.fast_steps > self.max_steps:
             raise ValueError("PONY_FAST_STEPS must not exceed PONY_MAX_STEPS")
         too_big = [f"{w}x{h}" for w, h in self.warmup_size_list if w * h > self.max_pixels]
-        if self.warmup_sizes != "auto" and too_big:
+        if self.warmup_sizes not in ("auto", "all") and too_big:
             raise ValueError(f"PONY_WARMUP_SIZES {too_big[0]} is larger than PONY_MAX_PIXELS")
         return self
 
     @property
     def warmup_size_list(self) -> tuple[tuple[int, int], ...]:
-        """The sizes compiled and warmed at start-up (CUDA): `auto` = every aspect choice at
-        `PONY_BASE_RESOLUTION` that fits `PONY_MAX_PIXELS`; `none` = no compiled path."""
+        """The sizes compiled and warmed at start-up (CUDA): `auto` = the square aspect at
+        `PONY_BASE_RESOLUTION` (the common case; about 1 min per batch size to warm); `all` = every
+        aspect choice that fits `PONY_MAX_PIXELS`; `none` = no compiled path."""
         if self.warmup_sizes == "none":
             return ()
         if self.warmup_sizes == "auto":
+            return (aspect_size("square", self.base_resolution),)
+        if self.warmup_sizes == "all":
             sizes = [aspect_size(a, self.base_resolution) for a in ASPECTS]
             return tuple(dict.fromkeys((w, h) for w, h in sizes if w * h <= self.max_pixels))
         pairs = (item.strip().partition("x") for item in self.warmup_sizes.split(","))
@@ -166,6 +172,11 @@ class Settings(BaseSettings):
     def images_dir(self) -> Path:
         """Where generated PNGs are written."""
         return self.data_dir / "images"
+
+    @property
+    def nsfw_label_list(self) -> list[str]:
+        """`PONY_NSFW_LABELS` split on commas, blanks dropped."""
+        return [t.strip() for t in self.nsfw_labels.split(",") if t.strip()]
 
     @property
     def blocked_term_list(self) -> list[str]:

@@ -99,6 +99,9 @@ class Worker:
         self.paused = False
         self.heartbeat = heartbeat or (lambda: None)
         self.on_finished = on_finished
+        #: optional hook run on each finished result before its images are saved (the image filter);
+        #: it may replace images in place; if it raises, the job fails and nothing is posted
+        self.screen: Callable[[Job, Any], Awaitable[None]] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, _Running] = {}
@@ -402,6 +405,15 @@ class Worker:
             self._held.discard(job.id)
             await self._report(job.id)
             return
+        if self.screen is not None:
+            try:
+                await self.screen(job, result)
+            except Exception:
+                log.exception("image filter failed", extra={"job_id": job.id})
+                await self._fail(
+                    job, GeneratorError("The image filter failed, so the images were not posted.")
+                )
+                return
         try:
             files = await asyncio.get_running_loop().run_in_executor(self._io, self._save, job, result)
         except OSError as exc:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,20 @@ from bot.config import load_settings
 from bot.engine import EngineState
 
 PONYBOT_SCRIPT = Path(sys.executable).with_name("ponybot")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while the test runs: on the shared 2-core machines OpenMP contention
+    makes the tiny model several times slower (as in tests/generator/conftest.py)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +79,7 @@ def bot_env(fake: FakeDiscord, data_dir: Path, model: Path, **extra: Any) -> dic
         "PONY_LEASE_S": "30",
         "PONY_RETRY_BACKOFF_S": "0.2",
         "PONY_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",  # subprocess bots: same reason as one_torch_thread
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env

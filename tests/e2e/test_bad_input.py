@@ -66,7 +66,9 @@ async def test_out_of_range_options_are_refused_without_a_job(discord_server: Fa
     for options, expected in cases:
         assert await answer(fake, options, validate=False) == expected, options
     assert await job_total(bot) == 0
-    assert fake.channel_messages(fake.channel_id, include_ephemeral=False) == [], "nothing was posted in the channel"
+    assert fake.channel_messages(fake.channel_id, include_ephemeral=False) == [], (
+        "nothing was posted in the channel"
+    )
 
 
 async def test_mentions_markdown_and_bidi_are_cleaned_never_pinged(
@@ -222,3 +224,13 @@ async def test_fifty_commands_in_five_seconds(discord_server: FakeDiscord, start
     # still responsive
     probe = await fake.slash("pony-queue", {})
     assert (await probe.wait_followup(timeout=10)).ephemeral
+
+
+async def test_full_queue_says_when_to_retry(discord_server: FakeDiscord, start_bot) -> None:
+    fake = discord_server
+    bot = await start_bot(PONY_MAX_QUEUE=1)
+    bot.worker.paused = True
+    assert (await answer(fake, {"prompt": "first"})).startswith("Queued as job #1:")
+    refused = await answer(fake, {"prompt": "second"}, user=fake.bob)
+    assert re.fullmatch(r"The queue is full right now; try again in about \d+ s\.", refused), refused
+    assert await job_total(bot) == 1
