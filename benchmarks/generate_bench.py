@@ -24,12 +24,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speed_common import timed
 
 from generator.config import GeneratorConfig
 from generator.params import GenerationParams
@@ -95,19 +96,6 @@ def write_real_size_model(path: Path, device: str) -> Path:
         pipe.to(torch.float16)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object], device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def run(tiny: bool, repeats: int) -> dict:
@@ -181,8 +169,8 @@ def run(tiny: bool, repeats: int) -> dict:
             theirs()  # warm-up
             a, b = [], []
             for _ in range(repeats):
-                a.append(_timed(ours, device))
-                b.append(_timed(theirs, device))
+                a.append(timed(ours, device))
+                b.append(timed(theirs, device))
             g, d = statistics.median(a), statistics.median(b)
             result["rows"].append(
                 {
