@@ -188,3 +188,44 @@ async def test_interactions_answered_while_the_model_loads(
     assert interaction.errors == []
     result = await fake.wait_for_message(is_result, timeout=60)
     assert job_messages(fake, 1) == [result]
+
+
+async def test_crash_before_the_status_message_id_was_recorded_posts_once(
+    discord_server: FakeDiscord, start_bot
+) -> None:
+    fake = discord_server
+    bot = await start_bot()
+    bot.worker.paused = True
+    interaction = await fake.slash("pony", {"prompt": "lost id"})
+    await interaction.wait_followup()
+    status = (await wait_until(lambda: job_messages(fake, 1), 10, "status message"))[0]
+    # as if the process died between posting the status message and recording its id
+    await bot.queue.connection.execute("UPDATE jobs SET status_message_id = NULL WHERE id = 1")
+    bot.worker.paused = False
+    bot.worker.wake()
+    await wait_until_async(lambda: _done(bot, 1), 60, "done")
+    messages = job_messages(fake, 1)
+    assert [m.id for m in messages] == [status.id], "the bot found its own message and edited it"
+    assert is_result(messages[0])
+
+
+async def test_crash_after_posting_the_result_before_marking_done_posts_once(
+    discord_server: FakeDiscord, start_bot, monkeypatch
+) -> None:
+    fake = discord_server
+    bot = await start_bot()
+
+    async def crash(*_args, **_kwargs):
+        raise RuntimeError("simulated crash after the result was posted")
+
+    monkeypatch.setattr(bot.queue, "mark_done", crash)
+    interaction = await fake.slash("pony", {"prompt": "posted but not recorded"})
+    await interaction.wait_followup()
+    result = await fake.wait_for_message(is_result, timeout=60)
+    assert await job_status(bot, 1) == "generated"
+    await start_bot.runners[0].stop()
+
+    bot = await start_bot()  # a fresh process: recovery delivers what was left generated
+    await wait_until_async(lambda: _done(bot, 1), 60, "done after restart")
+    assert job_messages(fake, 1) == [result]
+    assert (await bot.queue.get(1)).result_message_id == result.id
