@@ -321,11 +321,15 @@ def test_settings_feed_the_fast_path(tmp_path: Path) -> None:
     s = load_settings(_env_file=None, data_dir=tmp_path, base_resolution=512)
     config = s.generator_config()
     assert config.compile_mode == "reduce-overhead"
-    assert config.warmup_sizes == ((512, 512), (512, 768), (768, 512), (448, 832), (832, 448))
+    assert config.warmup_sizes == ((512, 512),)  # auto: the square size only
+    every = load_settings(_env_file=None, base_resolution=512, warmup_sizes="all").generator_config()
+    assert every.warmup_sizes == ((512, 512), (512, 768), (768, 512), (448, 832), (832, 448))
     assert config.batch_size == 4 and not config.fuse_qkv and not config.fp8 and config.fast_lora is None
     assert config.compile_cache_dir == tmp_path / "compile-cache"
 
-    small = load_settings(_env_file=None, base_resolution=256, max_pixels=256 * 384, batch_size=2)
+    small = load_settings(
+        _env_file=None, base_resolution=256, max_pixels=256 * 384, batch_size=2, warmup_sizes="all"
+    )
     assert small.generator_config().warmup_sizes == ((256, 256), (256, 384), (384, 256))
     assert small.generator_config().batch_size == 2
     assert load_settings(_env_file=None, warmup_sizes="none").generator_config().warmup_sizes == ()
