@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bot.engine import Engine, EngineState
+from bot.images import save_results
 from bot.logging_setup import log_job_event
 from bot.queue import Job, JobKind, JobQueue, JobStatus
 from generator.errors import Cancelled, GeneratorError
@@ -415,7 +416,9 @@ class Worker:
                 )
                 return
         try:
-            files = await asyncio.get_running_loop().run_in_executor(self._io, self._save, job, result)
+            files = await asyncio.get_running_loop().run_in_executor(
+                self._io, save_results, self.images_dir, job.id, result
+            )
         except OSError as exc:
             log.error("could not save images: %s", exc, extra={"job_id": job.id})
             await self._fail(job, GeneratorError(f"Could not save the images ({exc.strerror or exc})."))
@@ -430,24 +433,6 @@ class Worker:
         updated = await self.queue.get(job.id)
         if updated is not None:
             await self._deliver(updated)
-
-    def _save(self, job: Job, result: Any) -> list[str]:
-        from generator.metadata import save_png
-
-        folder = self.images_dir / str(job.id)
-        names: list[str] = []
-        try:
-            for index, img in enumerate(result.images, start=1):
-                name = f"{job.id}/ponybot-{job.id}-{index}.png"
-                names.append(name)
-                save_png(img.image, self.images_dir / name, img.parameters)
-        except OSError:  # e.g. disk full: leave no partial set of files behind
-            for name in names:
-                with contextlib.suppress(OSError):
-                    (self.images_dir / name).unlink(missing_ok=True)
-            raise
-        log.debug("saved %d images to %s", len(names), folder)
-        return names
 
     async def _deliver(self, job: Job) -> None:
         try:

@@ -72,14 +72,16 @@ async def test_kill_9_while_generating_loses_and_doubles_nothing(
     fake = discord_server
     data = tmp_path / "data"
     # big enough steps that the kill lands mid-generation on any machine
-    env = bot_env(fake, data, tiny_model, PONY_DEFAULT_STEPS=40, PONY_BASE_RESOLUTION=128)
+    # job 1 is long (100 steps at 256x256) so the kill lands mid-generation on any machine
+    env = bot_env(fake, data, tiny_model, PONY_MAX_STEPS=100, PONY_BASE_RESOLUTION=256)
     first = SubprocessBot(env, tmp_path / "bot1.log")
     first.start()
     try:
         await fake.wait_until_connected(timeout=60)
         await wait_until(lambda: fake.find_command("pony"), 60, "commands synced")
-        for user in (fake.alice, fake.bob, fake.mod):
-            interaction = await fake.slash("pony", {"prompt": f"job of {user.username}"}, user=user)
+        for user, steps in ((fake.alice, 100), (fake.bob, 3), (fake.mod, 3)):
+            options = {"prompt": f"job of {user.username}", "steps": steps}
+            interaction = await fake.slash("pony", options, user=user)
             await interaction.wait_followup(timeout=30)
         await wait_until(lambda: _shows_progress(fake, 1), 120, "job 1 generating")
     finally:
@@ -134,14 +136,14 @@ async def test_sigterm_puts_the_running_job_back_and_exits_cleanly(
     fake = discord_server
     data = tmp_path / "data"
     env = bot_env(
-        fake, data, tiny_model, PONY_DEFAULT_STEPS=50, PONY_BASE_RESOLUTION=192, PONY_SHUTDOWN_GRACE_S=0.5
+        fake, data, tiny_model, PONY_MAX_STEPS=100, PONY_BASE_RESOLUTION=256, PONY_SHUTDOWN_GRACE_S=0.5
     )
     first = SubprocessBot(env, tmp_path / "bot1.log")
     first.start()
     try:
         await fake.wait_until_connected(timeout=60)
         await wait_until(lambda: fake.find_command("pony"), 60, "commands synced")
-        interaction = await fake.slash("pony", {"prompt": "interrupted"})
+        interaction = await fake.slash("pony", {"prompt": "interrupted", "steps": 100})
         await interaction.wait_followup(timeout=30)
         await wait_until(lambda: _shows_progress(fake, 1), 120, "job 1 generating")
     finally:
@@ -153,7 +155,7 @@ async def test_sigterm_puts_the_running_job_back_and_exits_cleanly(
     with sqlite3.connect(data / "jobs.sqlite3") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    second = SubprocessBot({**env, "PONY_DEFAULT_STEPS": "3"}, tmp_path / "bot2.log")
+    second = SubprocessBot(env, tmp_path / "bot2.log")
     second.start()
     try:
         await wait_until(lambda: _db_status(data, 1) == "done", 240, "job done after restart")
