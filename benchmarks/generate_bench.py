@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speed_common import timed
+from speed_common import plain_pipeline, timed
 
 from generator.config import GeneratorConfig
 from generator.params import GenerationParams
@@ -100,7 +100,6 @@ def write_real_size_model(path: Path, device: str) -> Path:
 
 def run(tiny: bool, repeats: int) -> dict:
     """Measure both sides; returns the result dict (also printed as a table)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if tiny:
         torch.set_num_threads(1)
@@ -108,7 +107,6 @@ def run(tiny: bool, repeats: int) -> dict:
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     size = 64 if tiny else 512
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     result: dict = {
         "model": "tiny random SD v1.x" if tiny else "SD v1.x architecture, random weights",
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -137,21 +135,7 @@ def run(tiny: bool, repeats: int) -> dict:
         result["generator_load_s"] = round(time.perf_counter() - t0, 2)
         # the model card's code
         t0 = time.perf_counter()
-        plain = StableDiffusionPipeline.from_pretrained(
-            folder,
-            dtype=dtype,
-            scheduler=DDIMScheduler(
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                clip_sample=False,
-                set_alpha_to_one=False,
-                steps_offset=1,  # the card leaves it out; diffusers then sets 1 with a warning
-            ),
-            safety_checker=None,
-            requires_safety_checker=False,
-        ).to(device)
-        plain.set_progress_bar_config(disable=True)
+        plain = plain_pipeline(folder, device)
         result["diffusers_load_s"] = round(time.perf_counter() - t0, 2)
 
         for steps in STEPS:
