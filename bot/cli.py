@@ -23,11 +23,19 @@ def _run(_args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # login failure and friends: one line, no traceback
+        import aiohttp
         import discord
 
         if isinstance(exc, discord.LoginFailure):
             print(
                 "Discord refused the token: check DISCORD_TOKEN (Developer Portal > Bot > Reset Token).",
+                file=sys.stderr,
+            )
+            return 3
+        if isinstance(exc, aiohttp.ClientError | OSError | discord.GatewayNotFound):
+            print(
+                f"Could not reach Discord at {settings.discord_api_base} ({exc}). Check the network,"
+                " or DISCORD_API_BASE / DISCORD_GATEWAY_URL if you changed them.",
                 file=sys.stderr,
             )
             return 3

@@ -106,6 +106,13 @@ def _level(level: str | int) -> int:
     return mapping[name]
 
 
+class DropVoiceWarnings(logging.Filter):
+    """discord.py warns at every start that voice support is missing; ponybot never uses voice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "discord.client" and "voice will NOT be supported" in record.getMessage())
+
+
 def setup_logging(level: str = "INFO", json_lines: bool = False, *, stream: TextIO | None = None) -> None:
     """Configure the root logger: one stderr handler, plain or JSON lines, tokens redacted."""
     root = logging.getLogger()
@@ -117,6 +124,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False, *, stream: Text
     setattr(handler, _HANDLER_FLAG, True)
     handler.setFormatter(JsonLinesFormatter() if json_lines else PlainFormatter())
     handler.addFilter(RedactTokensFilter())
+    handler.addFilter(DropVoiceWarnings())
     root.addHandler(handler)
     root.setLevel(_level(level))
     logging.captureWarnings(True)

@@ -62,3 +62,17 @@ def test_invite_url_has_scopes_and_permissions(tmp_path: Path) -> None:
     assert url.startswith("https://discord.com/oauth2/authorize?client_id=123456789")
     assert "scope=bot%20applications.commands" in url
     assert "permissions=117760" in url  # view, send, embed links, attach files, read history
+
+
+def test_run_with_discord_unreachable_is_one_line(tmp_path: Path) -> None:
+    env = base_env(tmp_path) | {
+        "DISCORD_TOKEN": "sekrit.token.value",
+        "DISCORD_API_BASE": "http://127.0.0.1:9",  # nothing listens on the discard port
+        "DISCORD_GATEWAY_URL": "ws://127.0.0.1:9/gateway",
+        "PONY_MODEL": str(tmp_path / "no-model"),
+    }
+    result = run("run", env=env, cwd=tmp_path)
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Could not reach Discord at http://127.0.0.1:9")
+    assert "Traceback" not in result.stderr and "sekrit" not in result.stderr + result.stdout

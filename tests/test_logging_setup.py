@@ -129,3 +129,17 @@ def test_log_job_event_plain() -> None:
     log_job_event(logging.getLogger("bot.worker"), 5, 6, "queued", msg="clash")
     (line,) = lines(out)
     assert "bot.worker: job 5 queued job_id=5 user_id=6 status=queued msg_=clash" in line
+
+
+def test_voice_support_warnings_are_dropped() -> None:
+    import io
+    import logging
+
+    from bot.logging_setup import setup_logging
+
+    stream = io.StringIO()
+    setup_logging("INFO", False, stream=stream)
+    logging.getLogger("discord.client").warning("PyNaCl is not installed, voice will NOT be supported")
+    logging.getLogger("discord.client").warning("something that matters")
+    assert "voice" not in stream.getvalue()
+    assert "something that matters" in stream.getvalue()
