@@ -1,10 +1,10 @@
 """The worker: drains the queue through the engine and hands results to delivery.
 
 One loop claims jobs (batched when compatible, at most `batch_size` images), runs them in the
-engine's GPU thread, and hands each finished job to a post-processing task: PNG encoding and disk
-writes (in an I/O thread), `mark_generated`, then delivery. Nothing Discord-bound is awaited
-between two generations: the "generating" status edit, failure and cancel notices, encodes and
-uploads all run in background tasks. When the running generation reports its last step, the next
+engine's GPU thread, and hands each finished job to its `PostProcess` (bot/postprocess.py): PNG
+encoding and disk writes (in an I/O thread), `mark_generated`, then delivery. Nothing Discord-bound
+is awaited between two generations: the "generating" status edit, failure and cancel notices,
+encodes and uploads all run in background tasks. When the running generation reports its last step, the next
 batch is claimed ahead (`_claim_ahead`), so the GPU thread gets it the moment it is free; the
 fair pick is thus made at most one VAE decode early.
 """
@@ -23,26 +23,16 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from bot.engine import Engine, EngineState
-from bot.images import save_results
 from bot.logging_setup import log_job_event
-from bot.queue import Job, JobKind, JobQueue, JobStatus
+from bot.postprocess import Deliverer, PostProcess, safe
+from bot.queue import Job, JobKind, JobQueue
 from generator.errors import Cancelled, GeneratorError
 from generator.params import GenerationParams
 
 log = logging.getLogger(__name__)
-
-
-class Deliverer(Protocol):
-    """What the worker needs from delivery (bot.delivery.Delivery implements it)."""
-
-    async def job_started(self, job: Job) -> None: ...
-    def progress(self, job: Job, step: int, total: int, preview: Any) -> None: ...
-    async def deliver(self, job: Job) -> None: ...
-    def is_delivering(self, job_id: int) -> bool: ...
-    async def report_failure(self, job: Job) -> None: ...
 
 
 class JobTimeout(GeneratorError):
@@ -99,22 +89,36 @@ class Worker:
         self.worker_id = new_worker_id()
         self.paused = False
         self.heartbeat = heartbeat or (lambda: None)
-        self.on_finished = on_finished
-        #: optional hook run on each finished result before its images are saved (the image filter);
-        #: it may replace images in place; if it raises, the job fails and nothing is posted
-        self.screen: Callable[[Job, Any], Awaitable[None]] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, _Running] = {}
         self._held: set[int] = set()  # jobs this worker holds a lease on (generating or saving)
-        self._post_tasks: set[asyncio.Task[None]] = set()
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ponybot-io")
+        self.post = PostProcess(
+            queue,
+            delivery,
+            images_dir=images_dir,
+            worker_id=self.worker_id,
+            io=self._io,
+            held=self._held,
+            wake=self.wake,
+            on_finished=on_finished,
+        )
         self._main: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         #: the next batch, claimed while the running generation finishes (see `_claim_ahead`)
         self._ahead: asyncio.Future[list[Job]] | None = None
         self.current_job_ids: list[int] = []
         self.state = "starting"
+
+    @property
+    def screen(self) -> Callable[[Job, Any], Awaitable[None]] | None:
+        """The image filter hook, run on each finished result before saving (see `PostProcess`)."""
+        return self.post.screen
+
+    @screen.setter
+    def screen(self, hook: Callable[[Job, Any], Awaitable[None]] | None) -> None:
+        self.post.screen = hook
 
     # --- control ------------------------------------------------------------------------------
 
@@ -148,8 +152,8 @@ class Worker:
         if self._ahead is not None:  # a claim ahead still in flight: its jobs are released below
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._ahead), 10)
-        if self._post_tasks:
-            await asyncio.wait(self._post_tasks, timeout=grace_s)
+        if self.post.tasks:
+            await asyncio.wait(self.post.tasks, timeout=grace_s)
         for job_id in list(self._held):
             await self.queue.release(job_id, self.worker_id)
         if self._lease_task is not None:
@@ -164,16 +168,16 @@ class Worker:
         if report.requeued or report.dead:
             log.info("recovered jobs: requeued %s, dead %s", report.requeued, report.dead)
         for job in await self.queue.get_many(report.dead):
-            await self._safe(self.delivery.report_failure(job))
+            await safe(self.delivery.report_failure(job))
         for job in await self.queue.undelivered():
-            self._spawn(self._deliver(job))
+            self.post.spawn(self.post.deliver(job))
         last_sweep = 0.0
         while not self._stopping:
             self.heartbeat()
             if time.monotonic() - last_sweep > self.lease_s / 4:
                 last_sweep = time.monotonic()
-                await self._safe(self.queue.requeue_expired())
-                await self._safe(self._redeliver())
+                await safe(self.queue.requeue_expired())
+                await safe(self._redeliver())
             if self.paused or self.engine.state is not EngineState.READY:
                 self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
                 await self._release_ahead()
@@ -237,14 +241,14 @@ class Worker:
         for job in jobs:
             self._running.pop(job.id, None)
             self._held.discard(job.id)
-            await self._safe(self.queue.release(job.id, self.worker_id))
+            await safe(self.queue.release(job.id, self.worker_id))
 
     async def _redeliver(self) -> None:
         """Retry results whose delivery failed for a passing reason (Discord down, 5xx)."""
         busy = {job_id for job_id in self._held}
         for job in await self.queue.undelivered():
             if job.id not in busy and not self.delivery.is_delivering(job.id):
-                self._spawn(self._deliver(job))
+                self.post.spawn(self.post.deliver(job))
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -271,7 +275,7 @@ class Worker:
             self._running.setdefault(job.id, _Running(job))
             wait_s = (job.started_at or time.time()) - job.created_at
             log_job_event(log, job.id, job.user_id, "running", wait_s=wait_s, attempt=job.attempts)
-            self._spawn(self._safe(self.delivery.job_started(job)))  # a Discord edit: never awaited here
+            self.post.spawn(safe(self.delivery.job_started(job)))  # a Discord edit: never awaited here
         self.current_job_ids = [j.id for j in jobs]
         try:
             results = await self._generate(jobs)
@@ -280,12 +284,12 @@ class Worker:
             return
         except GeneratorError as exc:
             for job in jobs:
-                await self._fail(job, exc)
+                await self.post.fail(job, exc)
             return
         except Exception as exc:  # a bug in generation must fail the job, never kill the worker
             log.exception("generation crashed", extra={"job_ids": [j.id for j in jobs]})
             for job in jobs:
-                await self._fail(
+                await self.post.fail(
                     job, GeneratorError(f"The generator failed unexpectedly ({type(exc).__name__}).")
                 )
             return
@@ -294,7 +298,7 @@ class Worker:
             for job in jobs:
                 self._running.pop(job.id, None)
         for job, result in zip(jobs, results, strict=True):
-            self._spawn(self._save_and_deliver(job, result))
+            self.post.spawn(self.post.save_and_deliver(job, result))
 
     async def _generate(self, jobs: list[Job]) -> list[Any]:
         runs = [self._running[j.id] for j in jobs]
@@ -362,7 +366,7 @@ class Worker:
         for job in jobs:
             running = self._running.get(job.id)
             if running is not None and running.timed_out:
-                await self._fail(job, JobTimeout("The generation took too long and was stopped."))
+                await self.post.fail(job, JobTimeout("The generation took too long and was stopped."))
                 continue
             if not await self.queue.finish_cancelled(job.id):
                 # stopped by us (shutdown), not by the user: put it back for the next start
@@ -371,88 +375,4 @@ class Worker:
                 continue
             self._held.discard(job.id)
             log_job_event(log, job.id, job.user_id, "cancelled")
-            self._spawn(self._report(job.id))
-
-    async def _fail(self, job: Job, exc: GeneratorError) -> None:
-        updated = await self.queue.fail(job.id, str(exc), retryable=exc.retryable)
-        self._held.discard(job.id)
-        log_job_event(
-            log, job.id, job.user_id, str(updated.status), error=str(exc), attempts=updated.attempts
-        )
-        if updated.status == JobStatus.QUEUED:
-            self.wake()
-        self._spawn(self._report(job.id))  # a Discord edit: off the path to the next generation
-
-    async def _report(self, job_id: int) -> None:
-        job = await self.queue.get(job_id)
-        if job is None:
-            return
-        if job.status != JobStatus.QUEUED:
-            await self._safe(self.delivery.report_failure(job))
-            await self._finished(job)
-        else:
-            await self._safe(self.delivery.job_requeued(job))
-
-    # --- post-processing (off the GPU thread) -------------------------------------------------
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._post_tasks.add(task)
-        task.add_done_callback(self._post_tasks.discard)
-
-    async def _save_and_deliver(self, job: Job, result: Any) -> None:
-        if await self.queue.is_cancel_requested(job.id):  # cancelled while it ran: drop the images
-            await self.queue.finish_cancelled(job.id)
-            self._held.discard(job.id)
-            await self._report(job.id)
-            return
-        if self.screen is not None:
-            try:
-                await self.screen(job, result)
-            except Exception:
-                log.exception("image filter failed", extra={"job_id": job.id})
-                await self._fail(
-                    job, GeneratorError("The image filter failed, so the images were not posted.")
-                )
-                return
-        try:
-            files = await asyncio.get_running_loop().run_in_executor(
-                self._io, save_results, self.images_dir, job.id, result
-            )
-        except OSError as exc:
-            log.error("could not save images: %s", exc, extra={"job_id": job.id})
-            await self._fail(job, GeneratorError(f"Could not save the images ({exc.strerror or exc})."))
-            return
-        seeds = [img.seed for img in result.images]
-        if not await self.queue.mark_generated(job.id, self.worker_id, files, seeds, result.seconds):
-            log.warning("lost the lease before saving", extra={"job_id": job.id})
-            self._held.discard(job.id)
-            return
-        self._held.discard(job.id)
-        log_job_event(log, job.id, job.user_id, "generated", gen_s=result.seconds, images=len(files))
-        updated = await self.queue.get(job.id)
-        if updated is not None:
-            await self._deliver(updated)
-
-    async def _deliver(self, job: Job) -> None:
-        try:
-            await self.delivery.deliver(job)
-        except Exception:
-            log.exception("delivery failed", extra={"job_id": job.id})
-            return
-        done = await self.queue.get(job.id)
-        if done is not None:
-            await self._finished(done)
-
-    async def _finished(self, job: Job) -> None:
-        if self.on_finished is not None:
-            outcome = self.on_finished(job)
-            if asyncio.iscoroutine(outcome):
-                await self._safe(outcome)
-
-    async def _safe(self, coro: Awaitable[Any]) -> Any:
-        try:
-            return await coro
-        except Exception:
-            log.exception("ignored error in worker side task")
-            return None
+            self.post.spawn(self.post.report(job.id))
