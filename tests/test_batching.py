@@ -3,8 +3,6 @@ the same requests run alone (the real Worker, Engine and tiny model on the CPU).
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from worker_helpers import run_until_done
 
 from bot.engine import Engine
-from bot.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
+from bot.queue import Job, JobKind, JobQueue, QueueLimits
 from bot.worker import Worker
 from generator.config import GeneratorConfig
 from generator.metadata import parse_parameters, read_parameters
@@ -122,14 +121,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
-async def wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_worker_batches_compatible_jobs_with_the_pixels_of_single_runs(
     q: JobQueue, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -145,16 +136,7 @@ async def test_worker_batches_compatible_jobs_with_the_pixels_of_single_runs(
     jobs = [await add(q, user=i + 1, **r) for i, r in enumerate(requests)]
     delivery = CollectingDelivery(q)
     worker = Worker(q, engine, delivery, images_dir=tmp_path / "images", batch_size=4, poll_s=0.05)
-    worker.start()
-
-    async def all_done() -> bool:
-        current = [await q.get(j.id) for j in jobs]
-        return all(j is not None and j.status is JobStatus.DONE for j in current)
-
-    try:
-        await wait_for(all_done, 60, "jobs done")
-    finally:
-        await worker.stop(grace_s=10)
+    await run_until_done(worker, q, jobs)
     assert [c.method for c in engine.timeline] == ["txt2img_batch"]  # one pipeline call for all three
 
     alone = Generator.load(config)

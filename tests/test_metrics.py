@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import aiohttp
 import aiosqlite
@@ -13,20 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.metrics import Health, Metrics, MetricsServer
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 NOW = 1_750_000_000.0
-
-
-@pytest.fixture
-async def conn(tmp_path: Path):
-    # the bot's settings (bot/db.py): autocommit, rows as aiosqlite.Row
-    db = await aiosqlite.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
-    db.row_factory = aiosqlite.Row
-    for script in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        await db.executescript(script.read_text())
-    await db.commit()
-    yield db
-    await db.close()
 
 
 async def add_jobs(conn: aiosqlite.Connection, status: str, n: int) -> None:

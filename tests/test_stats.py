@@ -26,22 +26,9 @@ from bot.stats import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-MIGRATIONS = ROOT / "migrations"
 NOW = 1_750_000_000.0 + 1234.5  # not on an hour boundary
 DAY = 86400.0
 SAMPLERS = ["DDIM", "Euler a", "DPM++ 2M Karras", "Euler", "LMS"]
-
-
-@pytest.fixture
-async def conn(tmp_path: Path):
-    # the bot's settings (bot/db.py): autocommit, rows as aiosqlite.Row
-    db = await aiosqlite.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
-    db.row_factory = aiosqlite.Row
-    for script in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        await db.executescript(script.read_text())
-    await db.commit()
-    yield db
-    await db.close()
 
 
 async def insert(conn: aiosqlite.Connection, job: dict) -> int:

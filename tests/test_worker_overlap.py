@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from worker_helpers import run_until_done, wait_for, wait_for_status
 
 from bot.engine import Engine
 from bot.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
@@ -89,14 +90,6 @@ async def add(q: JobQueue, user: int, **overrides: Any) -> Job:
     return job
 
 
-async def wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def slow_decode(engine: Engine, seconds: float) -> None:
     """Make the VAE decode (after the last step, in the GPU thread) take `seconds` longer."""
     generator = engine.generator
@@ -115,16 +108,7 @@ async def test_gpu_thread_never_waits_for_status_edits_or_uploads(
     jobs = [await add(q, user=u) for u in (1, 2, 3)]
     delivery = SlowDelivery(q)
     worker = Worker(q, engine, delivery, images_dir=tmp_path / "images", batch_size=1, poll_s=0.05)
-    worker.start()
-
-    async def all_done() -> bool:
-        current = [await q.get(j.id) for j in jobs]
-        return all(j is not None and j.status is JobStatus.DONE for j in current)
-
-    try:
-        await wait_for(all_done, 60, "jobs done")
-    finally:
-        await worker.stop(grace_s=10)
+    await run_until_done(worker, q, jobs)
     calls = list(engine.timeline)
     assert [c.method for c in calls] == ["txt2img"] * 3 and all(c.ok for c in calls)
     first, second, third = (j.id for j in jobs)
@@ -155,16 +139,7 @@ async def test_next_batch_is_claimed_while_the_last_one_decodes(
 
     q.claim_batch = recorded  # type: ignore[method-assign]
     worker = Worker(q, engine, SlowDelivery(q), images_dir=tmp_path / "images", batch_size=1, poll_s=0.05)
-    worker.start()
-
-    async def both_done() -> bool:
-        current = [await q.get(j.id) for j in jobs]
-        return all(j is not None and j.status is JobStatus.DONE for j in current)
-
-    try:
-        await wait_for(both_done, 60, "jobs done")
-    finally:
-        await worker.stop(grace_s=10)
+    await run_until_done(worker, q, jobs)
     calls = list(engine.timeline)
     assert [ids for _, ids in claims] == [[jobs[0].id], [jobs[1].id]]
     assert claims[1][0] < calls[0].end, "claimed during the first job's decode"
@@ -181,11 +156,7 @@ async def test_a_batch_claimed_ahead_is_cancelled_or_put_back(
     worker = Worker(q, engine, delivery, images_dir=tmp_path / "images", batch_size=1, poll_s=0.05)
     worker.start()
 
-    async def claimed_ahead() -> bool:
-        job = await q.get(cancelled.id)
-        return job is not None and job.status is JobStatus.RUNNING
-
-    await wait_for(claimed_ahead, 30, "second job claimed ahead")
+    await wait_for_status(q, cancelled.id, JobStatus.RUNNING, 30, "second job claimed ahead")
     assert await q.cancel(cancelled.id) == "requested"
     worker.request_cancel(cancelled.id)
 
@@ -205,11 +176,7 @@ async def test_a_batch_claimed_ahead_is_cancelled_or_put_back(
     fourth = await add(q, user=4)
     worker.wake()
 
-    async def fourth_claimed() -> bool:
-        job = await q.get(fourth.id)
-        return job is not None and job.status is JobStatus.RUNNING
-
-    await wait_for(fourth_claimed, 30, "fourth job claimed ahead")
+    await wait_for_status(q, fourth.id, JobStatus.RUNNING, 30, "fourth job claimed ahead")
     await worker.stop(grace_s=10)
     back = await q.get(fourth.id)
     assert back is not None and back.status is JobStatus.QUEUED and back.attempts == 0

@@ -235,3 +235,12 @@ async def job_status(bot: PonyBot, job_id: int) -> str | None:
     """The job's status in the database."""
     job = await bot.queue.get(job_id)
     return None if job is None else str(job.status)
+
+
+async def wait_for_status(bot: PonyBot, job_id: int, status: str, timeout: float) -> bool:
+    """Poll the database until the job has `status`; AssertionError after `timeout` seconds."""
+
+    async def has_status() -> bool:
+        return await job_status(bot, job_id) == status
+
+    return await wait_until_async(has_status, timeout, f"job #{job_id} {status}")

@@ -9,8 +9,8 @@ from conftest import (
     job_messages,
     job_status,
     slow_down_generation,
+    wait_for_status,
     wait_until,
-    wait_until_async,
 )
 from fake_discord import FakeDiscord, FakeMessage
 from PIL import Image
@@ -129,11 +129,11 @@ async def test_cancel_while_running(discord_server: FakeDiscord, start_bot) -> N
     slow_down_generation(bot, 0.3)
     interaction = await fake.slash("pony", {"prompt": "long one", "steps": 30})
     await interaction.wait_followup()
-    await wait_until_async(lambda: _is_running(bot, 1), 20, "job running")
+    await wait_for_status(bot, 1, "running", 20)
     status = job_messages(fake, 1)[0]
     click = await fake.click(status.id, button_id(status, "Cancel"))
     assert (await click.wait_followup()).content == "Stopping job #1…"
-    await wait_until_async(lambda: _has_status(bot, 1, "cancelled"), 30, "job cancelled")
+    await wait_for_status(bot, 1, "cancelled", 30)
     message = await wait_until(
         lambda: fake.messages[status.id].embeds[0]["title"] == "Cancelled" and fake.messages[status.id],
         10,
@@ -145,11 +145,3 @@ async def test_cancel_while_running(discord_server: FakeDiscord, start_bot) -> N
     # the worker goes on with the next job
     slow_down_generation(bot, 0.0)
     await make_result(fake, user=fake.bob)
-
-
-async def _is_running(bot, job_id: int) -> bool:
-    return await job_status(bot, job_id) == "running"
-
-
-async def _has_status(bot, job_id: int, status: str) -> bool:
-    return await job_status(bot, job_id) == status

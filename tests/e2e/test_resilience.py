@@ -12,8 +12,8 @@ from conftest import (
     job_messages,
     job_status,
     slow_down_generation,
+    wait_for_status,
     wait_until,
-    wait_until_async,
 )
 from fake_discord import FakeDiscord
 from test_buttons import button_id, make_result
@@ -46,7 +46,7 @@ async def test_expired_interaction_token_still_delivers(discord_server: FakeDisc
     bot.worker.wake()
     result = await fake.wait_for_message(is_result, timeout=60)
     assert job_messages(fake, 1) == [result]
-    assert await wait_until_async(lambda: _done(bot, 1), 10, "done")
+    assert await wait_for_status(bot, 1, "done", 10)
     rejected = [r for r in fake.requests if "/webhooks/" in r.path and r.status == 401]
     assert rejected == [], "delivery never used the expired interaction token"
 
@@ -57,12 +57,12 @@ async def test_gateway_reconnect_mid_job_delivers_once(discord_server: FakeDisco
     slow_down_generation(bot, 0.2)
     interaction = await fake.slash("pony", {"prompt": "through the storm", "steps": 12})
     await interaction.wait_followup()
-    await wait_until_async(lambda: _running(bot, 1), 20, "running")
+    await wait_for_status(bot, 1, "running", 20)
     await fake.reconnect_gateway()
     await fake.drop_gateway()
     result = await fake.wait_for_message(is_result, timeout=60)
     assert fake.resume_count >= 2
-    assert await wait_until_async(lambda: _done(bot, 1), 10, "done")
+    assert await wait_for_status(bot, 1, "done", 10)
     assert job_messages(fake, 1) == [result]
 
 
@@ -120,14 +120,6 @@ def _db_status(data: Path, job_id: int) -> str | None:
 def _db_attempts(data: Path, job_id: int) -> int:
     with sqlite3.connect(data / "jobs.sqlite3", timeout=10) as conn:
         return conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-
-
-async def _done(bot, job_id: int) -> bool:
-    return await job_status(bot, job_id) == "done"
-
-
-async def _running(bot, job_id: int) -> bool:
-    return await job_status(bot, job_id) == "running"
 
 
 async def test_sigterm_puts_the_running_job_back_and_exits_cleanly(
@@ -205,7 +197,7 @@ async def test_crash_before_the_status_message_id_was_recorded_posts_once(
     await bot.queue.connection.execute("UPDATE jobs SET status_message_id = NULL WHERE id = 1")
     bot.worker.paused = False
     bot.worker.wake()
-    await wait_until_async(lambda: _done(bot, 1), 60, "done")
+    await wait_for_status(bot, 1, "done", 60)
     messages = job_messages(fake, 1)
     assert [m.id for m in messages] == [status.id], "the bot found its own message and edited it"
     assert is_result(messages[0])
@@ -228,6 +220,6 @@ async def test_crash_after_posting_the_result_before_marking_done_posts_once(
     await start_bot.runners[0].stop()
 
     bot = await start_bot()  # a fresh process: recovery delivers what was left generated
-    await wait_until_async(lambda: _done(bot, 1), 60, "done after restart")
+    await wait_for_status(bot, 1, "done", 60)
     assert job_messages(fake, 1) == [result]
     assert (await bot.queue.get(1)).result_message_id == result.id
