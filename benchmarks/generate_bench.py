@@ -30,72 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speed_common import plain_pipeline, timed
+from speed_common import plain_pipeline, timed, write_model
 
 from generator.config import GeneratorConfig
 from generator.params import GenerationParams
 from generator.pipeline import Generator
-from generator.tiny import MODEL_CARD_SCHEDULER, byte_level_vocab, write_tiny_model
 
 PROMPT = "pinkie pie portrait, smiling, detailed, (best quality)"
 STEPS = (25, 50)
-
-
-def write_real_size_model(path: Path, device: str) -> Path:
-    """SD v1.x UNet/VAE/CLIP-L configs with random weights, saved as a diffusers folder (fp16 on CUDA)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = byte_level_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
-    with torch.device(device):  # random init on the GPU is much faster than on the CPU
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                num_hidden_layers=12,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-                vocab_size=49408,
-                max_position_embeddings=77,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=512,
-        )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**MODEL_CARD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if device.startswith("cuda"):
-        pipe.to(torch.float16)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def run(tiny: bool, repeats: int) -> dict:
@@ -119,10 +61,7 @@ def run(tiny: bool, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         folder = Path(tmp) / ("tiny" if tiny else "sd-v1-random")
-        if tiny:
-            write_tiny_model(folder)
-        else:
-            write_real_size_model(folder, device)
+        write_model(folder, tiny, device)
         result["write_model_s"] = round(time.perf_counter() - t0, 1)
 
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,9 +53,66 @@ def write_model(folder: Path, tiny: bool, device: str) -> Path:
         from generator.tiny import write_tiny_model
 
         return write_tiny_model(folder)
-    from generate_bench import write_real_size_model
-
     return write_real_size_model(folder, device)
+
+
+def write_real_size_model(path: Path, device: str) -> Path:
+    """SD v1.x UNet/VAE/CLIP-L configs with random weights, saved as a diffusers folder (fp16 on CUDA)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from generator.tiny import MODEL_CARD_SCHEDULER, byte_level_vocab
+
+    vocab = byte_level_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+    with torch.device(device):  # random init on the GPU is much faster than on the CPU
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+                vocab_size=49408,
+                max_position_embeddings=77,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            )
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**MODEL_CARD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if device.startswith("cuda"):
+        pipe.to(torch.float16)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def plain_pipeline(folder: Path, device: str) -> Any:
