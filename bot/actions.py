@@ -132,7 +132,8 @@ class JobActions:
         if outcome == "cancelled":
             cancelled = await self.bot.queue.get(job.id)
             if cancelled is not None:
-                await self.bot.delivery.report_failure(cancelled)
+                # if Discord fails here, the notice stays owed and the worker's sweep shows it
+                await self.bot.delivery.notify(cancelled)
                 self.bot.ops.job_finished(cancelled)  # never reached the worker: count it here
             log_job_event(log, job.id, job.user_id, "cancelled")
         elif outcome == "requested":

@@ -9,9 +9,12 @@ the database exactly as it was.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
 
@@ -19,6 +22,9 @@ import aiosqlite
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: Fallback for a non-editable install that ships the SQL files as package data under `bot/`.
 _PACKAGED_MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_\-]+\.sql$")
 #: How long a statement waits for another connection's lock by default (PONY_DB_BUSY_TIMEOUT_MS).
@@ -181,3 +187,25 @@ async def _migrate_path(path: Path) -> list[int]:
 def migrate_path(path: Path) -> list[int]:
     """Synchronous `connect` + `migrate` + close, for the CLI. Returns the numbers applied."""
     return asyncio.run(_migrate_path(Path(path)))
+
+
+#: seconds between tries of a write that failed for a passing reason (see `retrying`)
+RETRY_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: errors worth trying again: "database is locked" past the busy timeout, "disk is full", I/O
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, OSError)
+
+
+async def retrying(op: Callable[[], Awaitable[T]], what: str, *, delays: Sequence[float] = RETRY_DELAYS) -> T:
+    """Await `op()`, trying again after each delay while it fails with a `TRANSIENT_ERRORS` error.
+
+    The last error is raised once the delays are used up; any other error at once.
+    """
+    for delay in (*delays, None):
+        try:
+            return await op()
+        except TRANSIENT_ERRORS as exc:
+            if delay is None:
+                raise
+            log.warning("%s failed (%s); trying again in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -14,6 +14,7 @@ import io
 import logging
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,36 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024
 MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
-HISTORY_SEARCH_LIMIT = 100
+#: how far before a job's creation the history search for its message starts (clock skew)
+HISTORY_SLACK_S = 60.0
 #: how often a result is shrunk and re-sent after Discord answers 413 (file too large)
 SHRINK_TRIES = 8
-#: Discord error codes that mean "this will never work": unknown channel, missing access/permissions
-PERMANENT_CODES = {10003, 50001, 50013}
+#: 4xx answers that are worth retrying: request timeout, rate limited (after discord.py's own tries)
+_TRANSIENT_4XX = frozenset({408, 429})
+#: the statuses whose outcome is a failure/cancel notice rather than images
+NOTICE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD})
+
+
+def is_permanent(exc: Exception) -> bool:
+    """True for a Discord answer that will never change on retry: any 4xx but 408/429.
+
+    Unknown channel (10003), missing access (50001), archived thread (50083), ... A 5xx, a
+    timeout or a lost connection is passing: the worker's sweeps retry those.
+    """
+    return (
+        isinstance(exc, discord.HTTPException)
+        and 400 <= exc.status < 500
+        and exc.status not in _TRANSIENT_4XX
+    )
+
+
+def post_nonce(job_id: int, purpose: str) -> str:
+    """The nonce of a job's channel post (<= 25 chars), the same on every try of that post.
+
+    discord.py draws a random nonce per `send` call; ours stays the same when the worker sends
+    again after a lost answer, so Discord (`enforce_nonce`) returns the first message instead.
+    """
+    return f"pb{job_id}{purpose}"[:25]
 
 
 class Delivery:
@@ -65,11 +91,15 @@ class Delivery:
         return guild.filesize_limit if guild is not None else DEFAULT_FILE_LIMIT
 
     async def _find_own_message(self, job: Job) -> discord.Message | None:
-        """A message by the bot in the job's channel whose footer names the job."""
+        """A message by the bot in the job's channel whose footer names the job.
+
+        Reads every message since the job was created (not just the latest page), oldest first.
+        """
         channel = self._channel(job)
         footer = messages.footer_text(job.id)
         me = self.client.user
-        async for message in channel.history(limit=HISTORY_SEARCH_LIMIT):
+        since = datetime.fromtimestamp(max(job.created_at - HISTORY_SLACK_S, 0), UTC)
+        async for message in channel.history(limit=None, after=since, oldest_first=True):
             if me is not None and message.author.id != me.id:
                 continue
             if any(e.footer and e.footer.text == footer for e in message.embeds):
@@ -93,6 +123,7 @@ class Delivery:
                 embed=messages.queued_embed(job, position, eta_s),
                 view=status_view(job.id),
                 reference=reference,  # type: ignore[arg-type]
+                nonce=post_nonce(job.id, "s"),  # discord.py adds enforce_nonce
             )
             await self.queue.set_status_message(job.id, message.id)
             return message.id
@@ -180,12 +211,12 @@ class Delivery:
             try:
                 message = await self._post_or_edit(job, embed=embed, files=fitted.files, view=view)
                 break
-            except (discord.Forbidden, discord.NotFound) as exc:
-                await self._give_up(job, _discord_reason(exc))
-                return
             except discord.HTTPException as exc:
-                if exc.status != 413:  # anything but "too large" is retried later by the worker
-                    raise
+                if exc.status != 413:
+                    if is_permanent(exc):
+                        await self._give_up(job, _discord_reason(exc))
+                        return
+                    raise  # passing (5xx, 429 after discord.py's retries): the worker's sweep retries
                 # the channel's real limit is lower than we thought: halve the largest file and retry
                 limit = min(limit, max(fitted.sizes)) // 2
                 log.warning("upload too large for job %s; retrying under %d bytes", job.id, limit)
@@ -227,19 +258,60 @@ class Delivery:
             reference = discord.MessageReference(
                 message_id=job.reply_to_message_id, channel_id=job.channel_id, fail_if_not_exists=False
             )
-        kwargs: dict[str, Any] = {"embed": embed, "files": files, "reference": reference}
+        kwargs: dict[str, Any] = {
+            "embed": embed,
+            "files": files,
+            "reference": reference,
+            # the same nonce on every try (discord.py adds enforce_nonce): Discord answers a
+            # repeated post with the first message instead of posting twice
+            "nonce": post_nonce(job.id, "r" if files else "n"),
+        }
         if view is not None:
             kwargs["view"] = view
         return await self._channel(job).send(**kwargs)
 
-    async def report_failure(self, job: Job) -> None:
-        """Turn the status message into the failure/cancel notice (one message per job)."""
+    async def notify(self, job: Job) -> bool:
+        """Show a failed, cancelled or dead job's notice, exactly once, and record it (`notified_at`).
+
+        The notice replaces the job's message in the channel; when the channel refuses for good
+        (deleted, no access, archived thread), the requester gets a DM. True when the notice is
+        settled (shown, already shown, or impossible to show anywhere); False when Discord failed
+        for a passing reason: the notice stays owed and the worker's sweep tries again.
+        """
         async with self._locks[job.id]:
-            try:
-                await self._post_or_edit(job, embed=messages.failure_embed(job), files=[], view=None)
-            except discord.HTTPException as exc:
-                log.warning("could not tell the user about job %s: %s", job.id, exc, extra={"job_id": job.id})
+            current = await self.queue.get(job.id)
+            if current is None or current.notified_at is not None or current.status not in NOTICE_STATUSES:
+                return True
+            if not await self._notify_locked(current):
+                return False
         self._cleanup(job.id)
+        return True
+
+    async def _notify_locked(self, job: Job) -> bool:
+        """`notify` for a job whose notice is owed; the caller holds the job's lock."""
+        try:
+            await self._post_or_edit(job, embed=messages.failure_embed(job), files=[], view=None)
+        except discord.HTTPException as exc:
+            if not is_permanent(exc):
+                log.warning("notice for job %s not shown yet: %s", job.id, exc, extra={"job_id": job.id})
+                return False
+            log.info("notice not posted in the channel: %s", exc, extra={"job_id": job.id})
+            if not await self._direct_message(job):
+                return False
+        await self.queue.mark_notified(job.id)
+        return True
+
+    async def _direct_message(self, job: Job) -> bool:
+        """Tell the requester by DM; False only when that failed for a passing reason."""
+        what = "was cancelled" if job.status is JobStatus.CANCELLED else f"failed: {job.error}"
+        try:
+            user = self.client.get_user(job.user_id) or await self.client.fetch_user(job.user_id)
+            await user.send(f"Your ponybot job #{job.id} in <#{job.channel_id}> {what}")
+        except discord.HTTPException as exc:
+            if not is_permanent(exc):
+                return False
+            log.warning("could not tell the requester of job %s: %s", job.id, exc, extra={"job_id": job.id})
+        return True
 
     async def _give_up(self, job: Job, reason: str) -> None:
         """Fail the job for good (never retried) and tell the requester; caller holds the job's lock."""
@@ -249,21 +321,9 @@ class Delivery:
             extra={"job_id": job.id, "user_id": job.user_id, "status": "failed"},
         )
         failed = await self.queue.fail(job.id, reason, retryable=False)
-        await self._tell_requester(failed)
+        if failed.status in NOTICE_STATUSES and failed.notified_at is None:
+            await self._notify_locked(failed)  # if this fails for a passing reason, the sweep retries
         self._cleanup(job.id)
-
-    async def _tell_requester(self, job: Job) -> None:
-        """The failure notice on the job's message if the channel still takes it, else a DM."""
-        try:
-            await self._post_or_edit(job, embed=messages.failure_embed(job), files=[], view=None)
-            return
-        except discord.HTTPException as exc:
-            log.info("failure notice not posted in the channel: %s", exc, extra={"job_id": job.id})
-        try:
-            user = self.client.get_user(job.user_id) or await self.client.fetch_user(job.user_id)
-            await user.send(f"Your ponybot job #{job.id} in <#{job.channel_id}> failed: {job.error}")
-        except discord.HTTPException as exc:
-            log.warning("could not tell the requester of job %s: %s", job.id, exc, extra={"job_id": job.id})
 
     def _cleanup(self, job_id: int) -> None:
         self._last_progress.pop(job_id, None)
@@ -283,8 +343,11 @@ def _total_steps(job: Job) -> int:
 
 
 def _discord_reason(exc: discord.HTTPException) -> str:
+    """The reason shown to the member when Discord refused a result for good."""
     if exc.code == 10003 or (isinstance(exc, discord.NotFound) and exc.code != 10008):
         return "The channel was deleted before the result could be posted."
+    if exc.code == 50083:
+        return "The thread was archived before the result could be posted."
     if exc.code in (50001, 50013) or isinstance(exc, discord.Forbidden):
         return "I lost permission to post in that channel (Missing Permissions)."
     return f"Discord refused the result ({exc.status} {exc.text or ''})".strip()

@@ -46,6 +46,12 @@ class EngineState(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    #: a call ignored the watchdog: no more work in this process (it exits for a restart)
+    HUNG = "hung"
+
+
+class EngineHung(Exception):
+    """The GPU thread hung; `ponybot run` exits non-zero so its supervisor restarts it."""
 
 
 class GeneratorUnavailable(GeneratorError):
@@ -124,9 +130,9 @@ class Engine:
         """Run `generator.<method>(*args, **kwargs)` in the GPU thread."""
         if self.state is not EngineState.READY:
             raise GeneratorUnavailable(
-                "The generator is unavailable right now; your job stays in the queue."
-                if self.state is EngineState.LOADING
-                else f"The generator is unavailable: {self.error}"
+                f"The generator is unavailable: {self.error}"
+                if self.state is EngineState.FAILED
+                else "The generator is unavailable right now; your job stays in the queue."
             )
         fn = functools.partial(getattr(self.generator, method), *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, method, fn)
@@ -157,11 +163,15 @@ class Engine:
         free, total = torch.cuda.mem_get_info()
         return torch.cuda.get_device_name(), total - free, total
 
-    def replace_thread(self) -> None:
-        """Abandon a hung GPU thread and start a fresh one for the next job (the watchdog's last resort)."""
-        log.error("GPU thread is hung; abandoning it and starting a fresh one")
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponybot-gpu")
+    def mark_hung(self, reason: str) -> None:
+        """The GPU thread is hung (the watchdog's verdict): refuse every further call.
+
+        The stuck call may still be using the pipeline, and a CUDA context in that state is not
+        to be trusted, so no next job runs beside it; the process exits and is restarted.
+        """
+        log.critical("GPU thread is hung: %s", reason)
+        self.state = EngineState.HUNG
+        self.error = reason
 
     def shutdown(self) -> None:
         """Stop the GPU thread after the current call."""

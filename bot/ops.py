@@ -82,6 +82,9 @@ class Ops:
         if engine.state is EngineState.FAILED:
             details["reasons"].append(f"model failed to load: {engine.error}")
             ok = False
+        elif engine.state is EngineState.HUNG:
+            details["reasons"].append(f"GPU hung: {engine.error}")
+            ok = False
         return ok, details
 
     def _gpu_bytes(self) -> int | None:

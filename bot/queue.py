@@ -103,6 +103,10 @@ class Job:
     error: str | None
     #: when retention deleted the result files (migration 0002); None while they are kept
     pruned_at: float | None = None
+    #: when the member was shown the outcome (migration 0004); None on a finished job = notice owed
+    notified_at: float | None = None
+    #: run alone: it was in a batch that failed, so a retry shows which job is at fault (0004)
+    solo: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | aiosqlite.Row) -> Job:
@@ -137,6 +141,8 @@ class Job:
             gen_seconds=row["gen_seconds"],
             error=row["error"],
             pruned_at=row["pruned_at"] if "pruned_at" in row.keys() else None,  # noqa: SIM118
+            notified_at=row["notified_at"] if "notified_at" in row.keys() else None,  # noqa: SIM118
+            solo=bool(row["solo"]) if "solo" in row.keys() else False,  # noqa: SIM118
         )
 
     @property
@@ -241,7 +247,7 @@ LIMIT 1
 # The guild served least recently among those with waiting jobs (index queue_guilds_waiting).
 _NEXT_GUILD = "(SELECT guild_id FROM queue_guilds WHERE queued > 0 ORDER BY last_served_at, guild_id LIMIT 1)"
 _BATCH_FILTER = (
-    "\n      AND j.kind = 'txt2img'"
+    "\n      AND j.kind = 'txt2img' AND j.solo = 0"
     + "".join(f"\n      AND json_extract(j.params, '$.{name}') IS :{name}" for name in BATCH_KEY_FIELDS)
     # the images still free in the batch (`claim_batch`'s max_images)
     + "\n      AND coalesce(json_extract(j.params, '$.count'), 1) <= :room"
@@ -535,13 +541,23 @@ class JobQueue:
                 return int(row["job_id"])
         return None
 
-    async def _take(self, job_id: int, worker_id: str, now: float) -> Job | None:
-        """Move a queued job to running under `worker_id` and mark its guild and user served."""
+    async def _take(self, job_id: int, worker_id: str, now: float, *, reserve: bool = False) -> Job | None:
+        """Move a queued job to running under `worker_id` and mark its guild and user served.
+
+        Started at once (attempts + 1, `started_at` set) unless `reserve`: then it is only held
+        (`started_at` NULL) until `begin` counts the attempt.
+        """
         rows = await self._conn.execute_fetchall(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
-            " lease_expires_at = ?, started_at = ?, updated_at = ?"
-            " WHERE id = ? AND status = 'queued' RETURNING *",
-            (worker_id, now + self.limits.lease_s, now, now, job_id),
+            "UPDATE jobs SET status = 'running', attempts = attempts + :start, lease_owner = :owner,"
+            " lease_expires_at = :lease, started_at = CASE WHEN :start THEN :now END, updated_at = :now"
+            " WHERE id = :id AND status = 'queued' RETURNING *",
+            {
+                "start": 0 if reserve else 1,
+                "owner": worker_id,
+                "lease": now + self.limits.lease_s,
+                "now": now,
+                "id": job_id,
+            },
         )
         row = next(iter(rows), None)
         if row is None:
@@ -566,7 +582,9 @@ class JobQueue:
                 return None
             return await self._take(job_id, worker_id, now)
 
-    async def claim_batch(self, worker_id: str, max_jobs: int, *, max_images: int | None = None) -> list[Job]:
+    async def claim_batch(
+        self, worker_id: str, max_jobs: int, *, max_images: int | None = None, reserve: bool = False
+    ) -> list[Job]:
         """Claim the next job, plus up to `max_jobs - 1` queued txt2img jobs with the same batch key.
 
         The first job is always the fair pick (`claim`'s), whatever its image count. The extra jobs
@@ -576,18 +594,22 @@ class JobQueue:
         and a smaller compatible job of the next user in fair order may fill the room instead.
         A first job that is not txt2img is returned alone. Compatibility is read from the params
         JSON (`json_extract`), so the last, fruitless search reads the queued jobs of users who
-        have no compatible job.
+        have no compatible job. A `solo` job (from a batch that failed) is never batched.
+
+        `reserve`: hold the jobs without starting them (a batch claimed ahead of time): their
+        attempt counts only when `begin` is called, so a crash of the job running meanwhile does
+        not use up theirs.
         """
         async with self._write():
             now = self._clock()
             first_id = await self._pick(now, None)
             if first_id is None:
                 return []
-            first = await self._take(first_id, worker_id, now)
+            first = await self._take(first_id, worker_id, now, reserve=reserve)
             if first is None:  # pragma: no cover - we hold the write lock
                 return []
             jobs = [first]
-            if first.kind is not JobKind.TXT2IMG:
+            if first.kind is not JobKind.TXT2IMG or first.solo:
                 return jobs
             key = dict(zip(BATCH_KEY_FIELDS, first.batch_key, strict=True))
             room = 2**31 if max_images is None else max_images - _images(first)
@@ -595,12 +617,38 @@ class JobQueue:
                 job_id = await self._pick(now, {**key, "room": room})
                 if job_id is None:
                     break
-                job = await self._take(job_id, worker_id, now)
+                job = await self._take(job_id, worker_id, now, reserve=reserve)
                 if job is None:  # pragma: no cover
                     break
                 jobs.append(job)
                 room -= _images(job)
             return jobs
+
+    async def begin(self, job_ids: Sequence[int], worker_id: str) -> list[Job]:
+        """Start jobs reserved by `claim_batch(reserve=True)`: attempts + 1, `started_at` now.
+
+        Jobs already started are returned as they are, and so are jobs whose cancel was requested
+        meanwhile (not counted: the caller cancels them); jobs no longer running under `worker_id`
+        (cancelled, lease lost) are left out.
+        """
+        if not job_ids:
+            return []
+        marks = ", ".join("?" * len(job_ids))
+        async with self._write() as conn:
+            now = self._clock()
+            await conn.execute(
+                "UPDATE jobs SET attempts = attempts + 1, started_at = ?, lease_expires_at = ?, updated_at = ?"
+                f" WHERE id IN ({marks}) AND status = 'running' AND lease_owner = ? AND started_at IS NULL"
+                " AND cancel_requested = 0",
+                (now, now + self.limits.lease_s, now, *job_ids, worker_id),
+            )
+            rows = await conn.execute_fetchall(
+                f"SELECT * FROM jobs WHERE id IN ({marks}) AND status = 'running' AND lease_owner = ?"
+                " ORDER BY id",
+                (*job_ids, worker_id),
+            )
+        by_id = {row["id"]: Job.from_row(row) for row in rows}
+        return [by_id[i] for i in job_ids if i in by_id]
 
     async def extend_lease(self, job_id: int, worker_id: str) -> bool:
         """Push the lease of a running job forward; False if it is not running under `worker_id`."""
@@ -629,7 +677,8 @@ class JobQueue:
         """running -> generated (images saved, not yet delivered), only under the same lease owner.
 
         Also folds `gen_seconds / cost` into the `sec_per_unit` moving average used for ETAs.
-        Returns False (and changes nothing) if the job is not running under `worker_id`.
+        Returns False (and changes nothing) if the job is not running under `worker_id`, or if
+        its cancel was requested: a cancel that lands before this wins (`finish_cancelled` it).
         """
         # Two autocommit statements, no explicit transaction: the transition is one atomic
         # statement, and a crash between the two loses one speed sample at most.
@@ -638,7 +687,8 @@ class JobQueue:
             rows = await self._conn.execute_fetchall(
                 "UPDATE jobs SET status = 'generated', result_files = ?, seeds = ?, gen_seconds = ?,"
                 " generated_at = ?, updated_at = ?, lease_expires_at = NULL"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ? RETURNING cost",
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 0"
+                " RETURNING cost",
                 (_dumps(list(files)), _dumps(list(seeds)), gen_seconds, now, now, job_id, worker_id),
             )
             row = next(iter(rows), None)
@@ -659,10 +709,32 @@ class JobQueue:
         return (
             await self._one_statement(
                 "UPDATE jobs SET status = 'done', result_message_id = ?, finished_at = ?, updated_at = ?,"
-                " lease_expires_at = NULL WHERE id = ? AND status IN ('generated', 'running')",
-                (result_message_id, now, now, job_id),
+                " notified_at = ?, lease_expires_at = NULL WHERE id = ? AND status IN ('generated', 'running')",
+                (result_message_id, now, now, now, job_id),
             )
             > 0
+        )
+
+    async def mark_notified(self, job_id: int) -> bool:
+        """Record that the member was shown a finished job's outcome (its notice is no longer owed).
+
+        False (nothing changed) when the job is not finished or was already marked.
+        """
+        now = self._clock()
+        return (
+            await self._one_statement(
+                "UPDATE jobs SET notified_at = ?, updated_at = ? WHERE id = ? AND notified_at IS NULL"
+                " AND status IN ('failed', 'cancelled', 'dead', 'done')",
+                (now, now, job_id),
+            )
+            > 0
+        )
+
+    async def unnotified(self) -> list[Job]:
+        """Failed, cancelled and dead jobs whose notice is still owed, oldest first (index jobs_unnotified)."""
+        return await self._jobs(
+            "SELECT * FROM jobs WHERE notified_at IS NULL AND status IN ('failed', 'cancelled', 'dead')"
+            " ORDER BY id"
         )
 
     async def fail(self, job_id: int, error: str, *, retryable: bool) -> Job:
@@ -746,10 +818,11 @@ class JobQueue:
             > 0
         )
 
-    async def release(self, job_id: int, worker_id: str) -> bool:
-        """Give a running job back without penalty (clean shutdown): queued at once, the attempt
-        not counted. A job whose cancel was requested is cancelled instead. False (nothing
-        changed) unless the job is running under `worker_id`.
+    async def release(self, job_id: int, worker_id: str, *, solo: bool = False) -> bool:
+        """Give a running job back without penalty (clean shutdown, hung GPU, a failed batch):
+        queued at once, the attempt not counted. A job whose cancel was requested is cancelled
+        instead (its notice is then owed, see `unnotified`). `solo`: the job runs alone next
+        time. False (nothing changed) unless the job is running under `worker_id`.
         """
         async with self._write() as conn:
             now = self._clock()
@@ -762,10 +835,11 @@ class JobQueue:
             if cursor.rowcount > 0:
                 return True
             cursor = await conn.execute(
-                "UPDATE jobs SET status = 'queued', attempts = max(attempts - 1, 0), not_before = ?,"
-                " updated_at = ?, lease_owner = NULL, lease_expires_at = NULL"
+                "UPDATE jobs SET status = 'queued', not_before = ?, updated_at = ?, solo = max(solo, ?),"
+                " attempts = CASE WHEN started_at IS NULL THEN attempts ELSE max(attempts - 1, 0) END,"
+                " lease_owner = NULL, lease_expires_at = NULL"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ?",
-                (now, now, job_id, worker_id),
+                (now, now, int(solo), job_id, worker_id),
             )
             return cursor.rowcount > 0
 

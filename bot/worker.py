@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.db import retrying
 from bot.engine import Engine, EngineState
 from bot.logging_setup import log_job_event
 from bot.postprocess import Deliverer, PostProcess, safe
@@ -39,6 +40,15 @@ class JobTimeout(GeneratorError):
     """The generation ran past PONY_JOB_TIMEOUT_S and was interrupted."""
 
     retryable = True
+
+
+class GpuHung(Exception):
+    """A generator call ignored the watchdog's stop request: the GPU thread is hung.
+
+    The engine stops taking work, the worker puts its jobs back (their attempt not counted) and
+    reports it through `on_fatal`; the process then exits non-zero so its supervisor restarts it
+    on a fresh CUDA context.
+    """
 
 
 @dataclass
@@ -75,6 +85,7 @@ class Worker:
         poll_s: float = 1.0,
         heartbeat: Callable[[], None] | None = None,
         on_finished: Callable[[Job], Awaitable[None] | None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.queue = queue
         self.engine = engine
@@ -89,6 +100,10 @@ class Worker:
         self.worker_id = new_worker_id()
         self.paused = False
         self.heartbeat = heartbeat or (lambda: None)
+        #: called once when the worker cannot go on in this process (a hung GPU thread)
+        self.on_fatal = on_fatal or (lambda reason: None)
+        #: why the worker stopped for good, if it did
+        self.fatal: str | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._running: dict[int, _Running] = {}
@@ -164,43 +179,73 @@ class Worker:
     # --- main loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        report = await self.queue.recover(self.worker_id)
-        if report.requeued or report.dead:
-            log.info("recovered jobs: requeued %s, dead %s", report.requeued, report.dead)
-        for job in await self.queue.get_many(report.dead):
-            await safe(self.delivery.report_failure(job))
-        for job in await self.queue.undelivered():
-            self.post.spawn(self.post.deliver(job))
+        await self._recover()
         last_sweep = 0.0
         while not self._stopping:
             self.heartbeat()
-            if time.monotonic() - last_sweep > self.lease_s / 4:
-                last_sweep = time.monotonic()
-                await safe(self.queue.requeue_expired())
-                await safe(self._redeliver())
-            if self.paused or self.engine.state is not EngineState.READY:
-                self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
-                await self._release_ahead()
-                await self._idle()
-                continue
             try:
-                jobs = await self._next_jobs()
-            except Exception:
-                log.exception("claim failed; retrying")
+                if time.monotonic() - last_sweep > self.lease_s / 4:
+                    last_sweep = time.monotonic()
+                    await self._sweep()
+                await self._step()
+            except Exception:  # a database or Discord error must never end the worker
+                log.exception("worker step failed; going on")
                 await self._idle()
-                continue
-            if not jobs:
-                self.state = "idle"
-                await self._idle()
-                continue
-            self.state = "generating"
-            await self._process(jobs)
-        await self._release_ahead()
+        await safe(self._release_ahead())
         self.state = "stopping"
 
+    async def _recover(self) -> None:
+        """Put back what a previous process left running; retried until the database answers."""
+        while not self._stopping:
+            try:
+                report = await self.queue.recover(self.worker_id)
+            except Exception:
+                log.exception("recovery failed; trying again")
+                await self._idle()
+                continue
+            if report.requeued or report.dead or report.cancelled:
+                log.info(
+                    "recovered jobs: requeued %s, dead %s, cancelled %s",
+                    report.requeued,
+                    report.dead,
+                    report.cancelled,
+                )
+            return
+
+    async def _sweep(self) -> None:
+        """Expired leases back to the queue; owed deliveries and notices sent again."""
+        await safe(self.queue.requeue_expired())
+        await safe(self._redeliver())
+        await safe(self.post.sweep_notices())
+
+    async def _step(self) -> None:
+        """Claim and run one batch, or wait a little when there is nothing to do."""
+        if self.paused or self.engine.state is not EngineState.READY:
+            self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
+            await self._release_ahead()
+            await self._idle()
+            return
+        try:
+            jobs = await self._next_jobs()
+        except Exception:
+            log.exception("claim failed; retrying")
+            await self._idle()
+            return
+        if not jobs:
+            self.state = "idle"
+            await self._idle()
+            return
+        self.state = "generating"
+        await self._process(jobs)
+
     async def _claim(self) -> list[Job]:
-        """Claim the next batch (at most `batch_size` images) and hold its leases."""
-        jobs = await self.queue.claim_batch(self.worker_id, self.batch_size, max_images=self.batch_size)
+        """Reserve the next batch (at most `batch_size` images) and hold its leases.
+
+        Reserved, not started: the attempt counts when `_process` begins the jobs.
+        """
+        jobs = await self.queue.claim_batch(
+            self.worker_id, self.batch_size, max_images=self.batch_size, reserve=True
+        )
         for job in jobs:
             self._held.add(job.id)
             self._running.setdefault(job.id, _Running(job))  # cancel requests reach it from now on
@@ -269,10 +314,41 @@ class Worker:
 
     # --- one claim ----------------------------------------------------------------------------
 
-    async def _process(self, jobs: list[Job]) -> None:
+    async def _process(self, claimed: list[Job]) -> None:
+        """Begin, generate and hand over one batch; whatever happens, every job ends somewhere.
+
+        A job handed to post-processing is its business from then on; any other job whose
+        outcome this batch could not record loses its lease here, so the sweep requeues it.
+        """
+        handed: set[int] = set()
+        try:
+            await self._process_batch(claimed, handed)
+        except Exception:
+            log.exception("batch failed", extra={"job_ids": [j.id for j in claimed]})
+            for job in claimed:
+                if job.id not in handed:
+                    await safe(self.post.fail(job, GeneratorError("Something went wrong on my side.")))
+        finally:
+            self.current_job_ids = []
+            for job in claimed:
+                self._running.pop(job.id, None)
+                if job.id not in handed:
+                    self._held.discard(job.id)
+
+    async def _process_batch(self, claimed: list[Job], handed: set[int]) -> None:
+        jobs = await retrying(
+            lambda: self.queue.begin([j.id for j in claimed], self.worker_id), "starting a batch"
+        )
         for job in jobs:
-            self._held.add(job.id)
-            self._running.setdefault(job.id, _Running(job))
+            if job.cancel_requested:  # cancelled while it waited in the claimed-ahead batch
+                handed.add(job.id)
+                self.post.spawn(self.post.cancelled(job))
+        jobs = [job for job in jobs if not job.cancel_requested]
+        if not jobs:
+            return
+        for job in jobs:
+            run = self._running.setdefault(job.id, _Running(job))  # keeps a cancel that came early
+            run.job = job
             wait_s = (job.started_at or time.time()) - job.created_at
             log_job_event(log, job.id, job.user_id, "running", wait_s=wait_s, attempt=job.attempts)
             self.post.spawn(safe(self.delivery.job_started(job)))  # a Discord edit: never awaited here
@@ -282,23 +358,50 @@ class Worker:
         except Cancelled:
             await self._after_cancel(jobs)
             return
-        except GeneratorError as exc:
-            for job in jobs:
-                await self.post.fail(job, exc)
+        except GpuHung as exc:
+            await self._hung(jobs, str(exc))
             return
-        except Exception as exc:  # a bug in generation must fail the job, never kill the worker
-            log.exception("generation crashed", extra={"job_ids": [j.id for j in jobs]})
-            for job in jobs:
-                await self.post.fail(
-                    job, GeneratorError(f"The generator failed unexpectedly ({type(exc).__name__}).")
-                )
+        except Exception as exc:
+            if not isinstance(exc, GeneratorError):  # a bug in generation fails the job, never the worker
+                log.exception("generation crashed", extra={"job_ids": [j.id for j in jobs]})
+                exc = GeneratorError(f"The generator failed unexpectedly ({type(exc).__name__}).")
+            if len(jobs) > 1:
+                await self._split(jobs, exc)
+                return
+            await self.post.fail(jobs[0], exc)
             return
-        finally:
-            self.current_job_ids = []
-            for job in jobs:
-                self._running.pop(job.id, None)
         for job, result in zip(jobs, results, strict=True):
+            handed.add(job.id)
             self.post.spawn(self.post.save_and_deliver(job, result))
+
+    async def _split(self, jobs: list[Job], exc: GeneratorError) -> None:
+        """A batch of several jobs failed: each goes back to run alone, its attempt not counted,
+        so only the job at fault fails (an OOM batch is not formed again)."""
+        log.warning(
+            "batch of %d failed (%s); retrying its jobs one at a time",
+            len(jobs),
+            exc,
+            extra={"job_ids": [j.id for j in jobs]},
+        )
+        for job in jobs:
+            await retrying(
+                lambda job=job: self.queue.release(job.id, self.worker_id, solo=True),
+                f"putting job #{job.id} back",
+            )
+            self._held.discard(job.id)
+        await self.post.sweep_notices()  # a job whose cancel was requested ended cancelled
+        self.wake()
+
+    async def _hung(self, jobs: list[Job], reason: str) -> None:
+        """The GPU thread is hung: stop taking work, put the jobs back, and ask for a restart."""
+        self.engine.mark_hung(reason)
+        for job in jobs:
+            await safe(retrying(lambda job=job: self.queue.release(job.id, self.worker_id), "putting back"))
+            self._held.discard(job.id)
+        await safe(self._release_ahead())
+        self.fatal = reason
+        self._stopping = True
+        self.on_fatal(reason)
 
     async def _generate(self, jobs: list[Job]) -> list[Any]:
         runs = [self._running[j.id] for j in jobs]
@@ -327,6 +430,12 @@ class Worker:
             source = await self._source_image(first)
             method = "upscale" if first.kind == JobKind.UPSCALE else "variation"
             call = self.engine.call(method, source, params, **kwargs)
+        result = await self._watched(runs, call)
+        return result if isinstance(result, list) else [result]
+
+    async def _watched(self, runs: list[_Running], call: Awaitable[Any]) -> Any:
+        """Await a generator call under the watchdog: past `job_timeout_s` it is asked to stop
+        (JobTimeout); one that ignores that for `cancel_grace_s` means a hung GPU (GpuHung)."""
         task = asyncio.ensure_future(call)
         done, _ = await asyncio.wait({task}, timeout=self.job_timeout_s)
         if not done:
@@ -334,32 +443,55 @@ class Worker:
                 run.timed_out = True
                 run.cancel.set()
             done, _ = await asyncio.wait({task}, timeout=self.cancel_grace_s)
-            if not done:  # the GPU thread is hung: abandon it so the next job gets a fresh one
-                self.engine.replace_thread()
+            if not done:
                 task.add_done_callback(_consume)
-            else:
-                _consume(task)
+                raise GpuHung(
+                    f"a generation ignored the stop request for {self.cancel_grace_s:g} s after the"
+                    f" {self.job_timeout_s:g} s timeout; the GPU thread is hung"
+                )
+            _consume(task)
             raise JobTimeout(f"The generation took longer than {self.job_timeout_s:g} s and was stopped.")
-        result = task.result()
-        return result if isinstance(result, list) else [result]
+        return task.result()
 
     async def _source_image(self, job: Job) -> Any:
-        """The parent's image for upscale/variation; re-created from its seed if pruned."""
+        """The parent's image for upscale/variation (see `_image_of`)."""
+        parent = await self.queue.get(job.parent_id) if job.parent_id else None
+        if parent is None:
+            raise GeneratorError("The original image no longer exists.")
+        return await self._image_of(parent, job.image_index or 0, [self._running[job.id]])
+
+    async def _image_of(self, job: Job, index: int, runs: list[_Running]) -> Any:
+        """Image `index` of a finished job: read from disk, or re-created if retention deleted it.
+
+        Re-creation repeats what made the image (txt2img from its seed; a variation or upscale of
+        its own parent's image, re-created the same way), under the watchdog and the member's
+        cancel, and goes through the image filter, so it is the picture the member was shown.
+        """
         from PIL import Image
 
-        parent = await self.queue.get(job.parent_id) if job.parent_id else None
-        index = job.image_index or 0
-        if parent is not None and index < len(parent.result_files):
-            path = self.images_dir / parent.result_files[index]
+        if index < len(job.result_files):
+            path = self.images_dir / job.result_files[index]
             if path.exists():
                 return await asyncio.get_running_loop().run_in_executor(
                     self._io, lambda: Image.open(path).convert("RGB")
                 )
-        if parent is None:
-            raise GeneratorError("The original image no longer exists.")
-        log.info("re-creating pruned image", extra={"job_id": job.id, "parent_id": parent.id})
-        source_params = GenerationParams.from_dict(parent.params).single(index)
-        result = await self.engine.call("txt2img", source_params)
+        log.info("re-creating pruned image", extra={"job_id": job.id, "image_index": index})
+        params = GenerationParams.from_dict(job.params)
+        kwargs = {"should_cancel": lambda: all(r.cancel.is_set() for r in runs)}
+        if job.kind == JobKind.TXT2IMG:
+            call = self.engine.call("txt2img", params.single(index), **kwargs)
+        else:
+            parent = await self.queue.get(job.parent_id) if job.parent_id else None
+            if parent is None:
+                raise GeneratorError("The original image no longer exists.")
+            source = await self._image_of(parent, job.image_index or 0, runs)
+            if job.kind == JobKind.UPSCALE:
+                call = self.engine.call("upscale", source, params, **kwargs)
+            else:
+                call = self.engine.call("variation", source, params.single(index), **kwargs)
+        result = await self._watched(runs, call)
+        if self.post.screen is not None:
+            await self.post.screen(job, result)
         return result.images[0].image
 
     async def _after_cancel(self, jobs: list[Job]) -> None:
@@ -368,9 +500,9 @@ class Worker:
             if running is not None and running.timed_out:
                 await self.post.fail(job, JobTimeout("The generation took too long and was stopped."))
                 continue
-            if not await self.queue.finish_cancelled(job.id):
+            if not await retrying(lambda job=job: self.queue.finish_cancelled(job.id), "cancelling"):
                 # stopped by us (shutdown), not by the user: put it back for the next start
-                await self.queue.release(job.id, self.worker_id)
+                await retrying(lambda job=job: self.queue.release(job.id, self.worker_id), "putting back")
                 self._held.discard(job.id)
                 continue
             self._held.discard(job.id)

@@ -106,8 +106,8 @@ class CollectingDelivery:
         self.delivered.append(job.id)
         await self.queue.mark_done(job.id, 10_000 + job.id)
 
-    async def report_failure(self, job: Job) -> None:
-        pass
+    async def notify(self, job: Job) -> bool:
+        return await self.queue.mark_notified(job.id)
 
     async def job_requeued(self, job: Job) -> None:
         pass
