@@ -398,6 +398,7 @@ class Worker:
         for job in jobs:
             await safe(retrying(lambda job=job: self.queue.release(job.id, self.worker_id), "putting back"))
             self._held.discard(job.id)
+            self.post.spawn(self.post.report(job.id))  # "Retrying soon" (or its cancel notice)
         await safe(self._release_ahead())
         self.fatal = reason
         self._stopping = True

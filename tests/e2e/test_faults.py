@@ -30,7 +30,7 @@ from fake_discord import (
 from test_bad_input import answer, job_total
 
 from bot.actions import BUSY
-from bot.engine import EngineState
+from bot.engine import EngineHung, EngineState
 from generator.pipeline import BLANK_MESSAGE, OOM_MESSAGE
 
 
@@ -239,35 +239,52 @@ async def test_out_of_memory_and_nan_output(discord_server: FakeDiscord, start_b
 
 
 async def test_hung_generation_is_stopped_by_the_watchdog(discord_server: FakeDiscord, start_bot) -> None:
+    """A call that stops when asked after the timeout fails that job only (JobTimeout)."""
     fake = discord_server
     bot = await start_bot(PONY_JOB_TIMEOUT_S=1, PONY_MAX_ATTEMPTS=1, PONY_DEFAULT_COUNT=1)
-    bot.worker.cancel_grace_s = 0.3
-    gen = bot.engine.generator
-    original = gen.txt2img
-    woke = threading.Event()
-    threads: dict[str, int] = {}
-
-    def hanging(params: Any, **kwargs: Any) -> Any:
-        threads[params.prompt] = threading.get_ident()
-        if params.prompt != "hang":
-            return original(params, **kwargs)
-        time.sleep(2.5)  # ignores should_cancel, like a stuck kernel
-        woke.set()
-        raise RuntimeError("woke up after being abandoned")
-
-    gen.txt2img = hanging
-    first_thread = bot.engine._executor
-    assert (await answer(fake, {"prompt": "hang"})).startswith("Queued as job #1:")
+    bot.worker.cancel_grace_s = 5
+    slow_down_generation(bot, 0.5)  # 3 steps of 0.5 s: past the 1 s timeout, stops at the next step
+    assert (await answer(fake, {"prompt": "slow"})).startswith("Queued as job #1:")
     notice = await final_message(fake, 1)
     assert field(notice, "Reason") == "The generation took longer than 1 s and was stopped."
     assert (await bot.queue.get(1)).status == "dead"
-    bot.worker.job_timeout_s = 60  # the next job must not trip a 1 s watchdog on a busy machine
-    assert (await answer(fake, {"prompt": "next"}, user=fake.bob)).startswith("Queued as job #2:")
-    result = await final_message(fake, 2, "Image")
-    assert is_result(result)
-    assert threads["next"] != threads["hang"], "the next job ran on a fresh GPU thread"
-    assert bot.engine._executor is not first_thread
-    await asyncio.to_thread(woke.wait, 10)  # let the abandoned call end while the loop runs
+    assert bot.engine.state is EngineState.READY, "a call that stopped when asked is not a hung GPU"
+
+
+async def test_hung_gpu_stops_the_engine_and_puts_its_jobs_back(discord_server: FakeDiscord, start_bot) -> None:
+    """A call that ignores the stop request: no next job runs beside it, the running job goes back
+    to the queue without losing an attempt, and the bot stops (run_bot raises EngineHung)."""
+    fake = discord_server
+    bot = await start_bot(PONY_JOB_TIMEOUT_S=1, PONY_DEFAULT_COUNT=1)
+    bot.worker.cancel_grace_s = 0.3
+    gen = bot.engine.generator
+    original = gen.txt2img
+    unstick = threading.Event()
+    calls: list[str] = []
+
+    def hanging(params: Any, **kwargs: Any) -> Any:
+        calls.append(params.prompt)
+        if params.prompt != "hang":
+            return original(params, **kwargs)
+        unstick.wait(60)  # ignores should_cancel, like a stuck kernel
+        raise RuntimeError("woke up after being abandoned")
+
+    gen.txt2img = hanging
+    try:
+        assert (await answer(fake, {"prompt": "hang"})).startswith("Queued as job #1:")
+        assert (await answer(fake, {"prompt": "next"}, user=fake.bob)).startswith("Queued as job #2:")
+        runner = start_bot.runners[0]
+        with pytest.raises(EngineHung):
+            await asyncio.wait_for(runner.task, 60)
+        runner.task = None
+        assert calls == ["hang"], "no job ran beside the hung call"
+        with contextlib.closing(sqlite3.connect(bot.settings.db_path)) as conn:
+            rows = conn.execute("SELECT id, status, attempts, lease_owner FROM jobs ORDER BY id").fetchall()
+        assert rows == [(1, "queued", 0, None), (2, "queued", 0, None)], "both wait for the restart"
+        status = job_messages(fake, 1)[0]
+        assert title(status) == "Retrying soon"
+    finally:
+        unstick.set()
 
 
 async def test_model_load_failure_keeps_the_bot_up_and_the_queue(
