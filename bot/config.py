@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     model_revision: str | None = Field("fp16", validation_alias=_env("PONY_MODEL_REVISION"))
     model_variant: str | None = Field(None, validation_alias=_env("PONY_MODEL_VARIANT"))
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", validation_alias=_env("PONY_DEVICE"))
+    cpu_threads: int = Field(0, ge=0, le=1024, validation_alias=_env("PONY_CPU_THREADS"))
     upscaler: Path | None = Field(None, validation_alias=_env("PONY_UPSCALER"))
     compile: bool = Field(True, validation_alias=_env("PONY_COMPILE"))
     compile_mode: Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"] = Field(
@@ -196,6 +197,7 @@ class Settings(BaseSettings):
             max_steps=self.max_steps,
             variation_strength=self.variation_strength,
             hires_strength=self.hires_strength,
+            cpu_threads=self.cpu_threads,
             compile_mode=self.compile_mode,
             warmup_sizes=self.warmup_size_list,
             batch_size=self.batch_size,

@@ -222,11 +222,25 @@ async def check_database(settings: Settings, report: Report) -> AllowedChannels:
 # --- model and upscaler -------------------------------------------------------------------------
 
 
+def quiet_libraries() -> None:
+    """No progress bars or warnings from diffusers, transformers and huggingface_hub: the doctor's
+    lines are its whole output (`ponybot generate` and the bot keep the libraries' defaults)."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    hub_utils.disable_progress_bars()
+
+
 async def check_model(settings: Settings, report: Report) -> Any:
     """Load the model as the bot does; returns the Generator, or None when it cannot load."""
     from generator.errors import ModelLoadError
     from generator.pipeline import Generator
 
+    quiet_libraries()
     config = dataclasses.replace(settings.generator_config(), upscaler=None)  # checked on its own
     print(f"(loading the model {settings.model}; this can take a while)", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -257,7 +271,10 @@ async def check_model(settings: Settings, report: Report) -> Any:
             )
             return generator
     elif generator.device == "cpu":
-        what += " (no GPU in use: expect minutes per image)"
+        import torch
+
+        threads = await asyncio.to_thread(torch.get_num_threads)  # as a fresh worker thread would see it
+        what += f" (no GPU in use: expect minutes per image); {threads} torch thread(s) (PONY_CPU_THREADS)"
     report.ok(what)
     return generator
 

@@ -20,6 +20,8 @@ class GeneratorConfig:
     max_steps: int = 50
     variation_strength: float = 0.6
     hires_strength: float = 0.35
+    #: torch intra-op threads on the CPU (PONY_CPU_THREADS); 0 = one core fewer than available
+    cpu_threads: int = 0
     # --- speed (generator.fastpath) ---------------------------------------------------------
     #: torch.compile mode on CUDA; "reduce-overhead" and "max-autotune" add CUDA graphs
     compile_mode: str = "reduce-overhead"

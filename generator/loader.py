@@ -15,7 +15,8 @@
     `HF_HUB_OFFLINE=1` only the local cache is used.
 
 dtype: float16 on CUDA, float32 on CPU and MPS. `device="auto"` picks cuda, then mps, then cpu
-(with a warning: that is slow).
+(with a warning: that is slow). On the CPU, torch's intra-op threads are set before the weights load
+(`config.cpu_threads`, default one core fewer than available) so the event loop keeps a core.
 """
 
 from __future__ import annotations
@@ -87,6 +88,34 @@ def resolve_device(requested: str) -> str:
     if requested == "cpu":
         return "cpu"
     raise ModelLoadError(f"Unknown device {requested!r}; set PONY_DEVICE to auto, cuda, mps or cpu.")
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else `os.cpu_count()`."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads(requested: int) -> int:
+    """torch intra-op threads for a CPU generator: `requested` when above 0, else one core fewer than
+    available (the event loop and the Discord heartbeat share the process), and never more than torch
+    would use by itself (its default, OMP_NUM_THREADS, or what the program set)."""
+    if requested > 0:
+        return requested
+    return max(1, min(torch.get_num_threads(), available_cores() - 1))
+
+
+def set_cpu_threads(requested: int) -> int:
+    """Apply `cpu_threads(requested)`; returns the count. Call it in the thread that generates: torch
+    keeps the count per thread (OpenMP), and threads that first use torch afterwards inherit it."""
+    threads = cpu_threads(requested)
+    torch.set_num_threads(threads)
+    log.info("generating on the CPU with %d torch thread(s) of %d core(s)", threads, available_cores())
+    return threads
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -345,6 +374,8 @@ def load_pipeline(config: GeneratorConfig) -> LoadedModel:
     kind, path = _kind_of(model)
     device = resolve_device(config.device)
     dtype = dtype_for(device)
+    if device == "cpu":
+        set_cpu_threads(config.cpu_threads)
     try:
         if kind == "folder":
             assert path is not None

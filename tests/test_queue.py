@@ -763,3 +763,71 @@ async def test_two_connections_racing_never_share_a_job(make_queue: MakeQueue) -
     expected = {name: len(got) for name, got in (("a", got_a), ("b", got_b)) if got}
     assert dict(owners) == expected
     assert await sql(qa, "SELECT max(attempts) FROM jobs") == [(1,)]
+
+
+async def test_a_job_claimed_ahead_is_not_charged_for_the_crashes_of_the_running_one(
+    make_queue: MakeQueue,
+) -> None:
+    """Attempts count when generation starts: the innocent job reserved ahead survives."""
+    q = await make_queue(QueueLimits(max_attempts=3))
+    crasher = await add(q, user=1)
+    innocent = await add(q, user=2)
+    for process in ("a", "b", "c"):
+        [running] = await q.claim_batch(process, 1, reserve=True)
+        assert running.id == crasher.id and running.started_at is None
+        assert [j.id for j in await q.begin([running.id], process)] == [crasher.id]
+        ahead = await q.claim_batch(process, 1, reserve=True)
+        assert [j.id for j in ahead] == [innocent.id]
+        await q.recover(f"after {process}")  # the process died with one job running, one reserved
+    dead, waiting = await q.get(crasher.id), await q.get(innocent.id)
+    assert dead is not None and dead.status is JobStatus.DEAD and dead.attempts == 3
+    assert waiting is not None and waiting.status is JobStatus.QUEUED and waiting.attempts == 0
+
+
+async def test_begin_counts_once_and_skips_cancelled_and_foreign_jobs(q: JobQueue) -> None:
+    started, cancelled, foreign = [await add(q, user=u) for u in (1, 2, 3)]
+    mine = await q.claim_batch("w", 2, reserve=True)
+    await q.claim_batch("other", 1, reserve=True)
+    assert await q.cancel(cancelled.id) == "requested"
+    begun = await q.begin([j.id for j in mine] + [foreign.id], "w")
+    assert [(j.id, j.attempts, j.cancel_requested) for j in begun] == [
+        (started.id, 1, False),
+        (cancelled.id, 0, True),
+    ]
+    again = await q.begin([started.id], "w")
+    assert again[0].attempts == 1, "begin twice counts once"
+    assert await q.release(started.id, "w") and (await q.get(started.id)).attempts == 0  # type: ignore[union-attr]
+
+
+async def test_release_solo_keeps_a_job_out_of_batches(q: JobQueue) -> None:
+    first, second, third = [await add(q, user=u, params=params()) for u in (1, 2, 3)]
+    batch = await q.claim_batch("w", 3, reserve=True)
+    assert [j.id for j in batch] == [first.id, second.id, third.id]
+    for job in batch:
+        assert await q.release(job.id, "w", solo=True)
+    again = await q.claim_batch("w", 3)
+    assert len(again) == 1 and again[0].solo, "a solo job runs alone"
+    rest = await q.claim_batch("w", 3)
+    assert len(rest) == 1, "and is not picked as a batch companion either"
+
+
+async def test_a_cancel_before_mark_generated_wins(q: JobQueue) -> None:
+    job = await add(q)
+    await q.claim("w")
+    assert await q.cancel(job.id) == "requested"
+    assert not await q.mark_generated(job.id, "w", ["1/a.png"], [1], 1.0)
+    assert await q.finish_cancelled(job.id)
+    stored = await q.get(job.id)
+    assert stored is not None and stored.status is JobStatus.CANCELLED and stored.result_files == []
+    assert [j.id for j in await q.unnotified()] == [job.id], "its notice is owed"
+    assert await q.mark_notified(job.id) and await q.unnotified() == []
+    assert not await q.mark_notified(job.id), "marked once"
+
+
+async def test_mark_done_settles_the_notice(q: JobQueue) -> None:
+    job = await add(q)
+    await q.claim("w")
+    assert await q.mark_generated(job.id, "w", ["1/a.png"], [1], 1.0)
+    assert await q.mark_done(job.id, 99)
+    stored = await q.get(job.id)
+    assert stored is not None and stored.notified_at is not None

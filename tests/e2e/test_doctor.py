@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,6 +97,21 @@ async def test_all_ok(fake: FakeDiscord, tiny_model: Path, tmp_path: Path) -> No
     me = fake.requests_matching("GET", r"^/users/@me$")
     assert me and all(r.status == 200 for r in me)
     assert fake.requests_matching("GET", r"^/users/@me/guilds$")
+
+
+#: what the doctor itself prints: check lines, the stderr note while the model loads, the summary
+OWN_LINE = re.compile(r"^(ok  |FAIL |\(loading the model )|^(All checks passed\.|\d+ check\(s\) failed\.)$")
+
+
+async def test_prints_only_its_own_lines(fake: FakeDiscord, tiny_model: Path, tmp_path: Path) -> None:
+    """No library progress bars or warnings around the checks: every line shown is the doctor's own."""
+    rc, lines, everything = await run_doctor(doctor_env(fake, tmp_path, tiny_model), tmp_path)
+    assert rc == 0, everything
+    model = line_starting(lines, "ok  model tiny-sd loads on cpu")
+    assert model.endswith("; 1 torch thread(s) (PONY_CPU_THREADS)")  # bot_env's PONY_CPU_THREADS=1
+    foreign = [line for line in everything.splitlines() if line.strip() and not OWN_LINE.match(line)]
+    assert foreign == [], everything
+    assert "Loading" not in everything and "%|" not in everything, everything
 
 
 async def test_bad_token(fake: FakeDiscord, tiny_model: Path, tmp_path: Path) -> None:
