@@ -50,10 +50,6 @@ class EngineState(enum.StrEnum):
     HUNG = "hung"
 
 
-class EngineHung(Exception):
-    """The GPU thread hung; `ponybot run` exits non-zero so its supervisor restarts it."""
-
-
 class GeneratorUnavailable(GeneratorError):
     """The model is not loaded (still loading, or failed to load)."""
 

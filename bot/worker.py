@@ -42,6 +42,14 @@ class JobTimeout(GeneratorError):
     retryable = True
 
 
+class WorkerFailed(Exception):
+    """The worker cannot go on in this process (a hung GPU, a crashed worker task).
+
+    `run_bot` raises it after a clean shutdown; `ponybot run` prints it as one line and exits
+    non-zero, so its supervisor (systemd) restarts the bot. Its jobs are back in the queue.
+    """
+
+
 class GpuHung(Exception):
     """A generator call ignored the watchdog's stop request: the GPU thread is hung.
 
@@ -140,7 +148,20 @@ class Worker:
     def start(self) -> None:
         """Recover left-over jobs and start draining the queue."""
         self._main = asyncio.get_running_loop().create_task(self._run(), name="ponybot-worker")
-        self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases())
+        self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases(), name="ponybot-leases")
+        self._main.add_done_callback(self._ended)
+        self._lease_task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A worker task ended: if by an error (a bug), stop for good so the process is restarted
+        rather than accepting jobs nobody runs."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("worker task %s crashed", task.get_name(), exc_info=task.exception())
+        if self.fatal is None:
+            self.fatal = f"The worker crashed ({type(task.exception()).__name__}: {task.exception()})"
+            self._stopping = True
+            self.on_fatal(self.fatal)
 
     def wake(self) -> None:
         """Tell the worker a job may be waiting."""
@@ -169,8 +190,8 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(self._ahead), 10)
         if self.post.tasks:
             await asyncio.wait(self.post.tasks, timeout=grace_s)
-        for job_id in list(self._held):
-            await self.queue.release(job_id, self.worker_id)
+        for job_id in list(self._held):  # if this fails, the lease runs out and recovery requeues
+            await safe(self.queue.release(job_id, self.worker_id))
         if self._lease_task is not None:
             self._lease_task.cancel()
         self._io.shutdown(wait=False)
@@ -447,8 +468,8 @@ class Worker:
             if not done:
                 task.add_done_callback(_consume)
                 raise GpuHung(
-                    f"a generation ignored the stop request for {self.cancel_grace_s:g} s after the"
-                    f" {self.job_timeout_s:g} s timeout; the GPU thread is hung"
+                    f"The GPU stopped responding (a generation ignored the stop request for"
+                    f" {self.cancel_grace_s:g} s after the {self.job_timeout_s:g} s timeout)"
                 )
             _consume(task)
             raise JobTimeout(f"The generation took longer than {self.job_timeout_s:g} s and was stopped.")

@@ -30,7 +30,8 @@ from fake_discord import (
 from test_bad_input import answer, job_total
 
 from bot.actions import BUSY
-from bot.engine import EngineHung, EngineState
+from bot.engine import EngineState
+from bot.worker import WorkerFailed
 from generator.pipeline import BLANK_MESSAGE, OOM_MESSAGE
 
 
@@ -251,9 +252,11 @@ async def test_hung_generation_is_stopped_by_the_watchdog(discord_server: FakeDi
     assert bot.engine.state is EngineState.READY, "a call that stopped when asked is not a hung GPU"
 
 
-async def test_hung_gpu_stops_the_engine_and_puts_its_jobs_back(discord_server: FakeDiscord, start_bot) -> None:
+async def test_hung_gpu_stops_the_engine_and_puts_its_jobs_back(
+    discord_server: FakeDiscord, start_bot
+) -> None:
     """A call that ignores the stop request: no next job runs beside it, the running job goes back
-    to the queue without losing an attempt, and the bot stops (run_bot raises EngineHung)."""
+    to the queue without losing an attempt, and the bot stops (run_bot raises WorkerFailed)."""
     fake = discord_server
     bot = await start_bot(PONY_JOB_TIMEOUT_S=1, PONY_DEFAULT_COUNT=1)
     bot.worker.cancel_grace_s = 0.3
@@ -274,7 +277,7 @@ async def test_hung_gpu_stops_the_engine_and_puts_its_jobs_back(discord_server: 
         assert (await answer(fake, {"prompt": "hang"})).startswith("Queued as job #1:")
         assert (await answer(fake, {"prompt": "next"}, user=fake.bob)).startswith("Queued as job #2:")
         runner = start_bot.runners[0]
-        with pytest.raises(EngineHung):
+        with pytest.raises(WorkerFailed):
             await asyncio.wait_for(runner.task, 60)
         runner.task = None
         assert calls == ["hang"], "no job ran beside the hung call"
