@@ -13,19 +13,17 @@ import yarl
 from discord import app_commands
 
 from bot.actions import JobActions
-from bot.admin_commands import admin_group
+from bot.app_state import AppState
 from bot.buttons import CUSTOM_ID_PREFIX, JobButton, on_message, parse_custom_id
-from bot.commands import pony_command
+from bot.command_sync import add_commands, sync_commands
 from bot.config import Settings
 from bot.delivery import Delivery
 from bot.engine import Engine, EngineState
 from bot.guard import Guard
-from bot.info_commands import info_commands
-from bot.member_commands import member_commands
 from bot.ops import Ops
 from bot.output_filter import OutputFilter
 from bot.queue import JobQueue, QueueLimits
-from bot.worker import Worker
+from bot.worker import Worker, WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +67,19 @@ class PonyBot(discord.Client):
     async def setup_hook(self) -> None:
         """Register persistent buttons and commands, sync them, start the model and the worker."""
         self.add_dynamic_items(JobButton)
-        self.tree.add_command(pony_command(self.settings))
-        self.tree.add_command(admin_group(self.settings))
-        for command in member_commands(self.settings):
-            self.tree.add_command(command)
-        for command in info_commands(self.settings):
-            self.tree.add_command(command)
-        if self.settings.discord_guild_id:
-            guild = discord.Object(id=self.settings.discord_guild_id)
-            self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
+        guild = add_commands(self.tree, self.settings)
+        # only a schema that changed since the last successful sync is sent (CommandSyncRefused: one line)
+        result = await sync_commands(
+            self.tree, AppState(self.queue), application_id=self.application_id or 0, guild=guild
+        )
+        if result.synced:
+            log.info("synced %d slash commands %s", result.count, result.where)
         else:
-            synced = await self.tree.sync()
-        log.info("synced %d slash commands", len(synced))
+            log.info(
+                "slash commands unchanged since the last sync (%d, %s); not synced",
+                result.count,
+                result.where,
+            )
         self.engine.start_loading()
         self.worker.start()
 
@@ -125,6 +123,8 @@ class PonyBot(discord.Client):
             return "The model is still loading; your job will start as soon as it is ready."
         if self.engine.state is EngineState.FAILED:
             return "The generator is unavailable right now; your job is kept in the queue."
+        if self.engine.state is EngineState.HUNG:
+            return "The generator is restarting; your job is kept in the queue."
         return None
 
     async def shutdown(self) -> None:
@@ -155,6 +155,7 @@ async def run_bot(
     if started is not None:
         started(bot)
     stop = stop or asyncio.Event()
+    bot.worker.on_fatal = lambda _reason: stop.set()  # e.g. a hung GPU: shut down, then exit non-zero
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -175,3 +176,5 @@ async def run_bot(
     finally:
         await bot.ops.stop()
         await queue.close()
+    if bot.worker.fatal is not None:
+        raise WorkerFailed(bot.worker.fatal)

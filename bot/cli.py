@@ -1,17 +1,27 @@
-"""The `ponybot` console script: run, generate, tiny-model, migrate, doctor, invite-url."""
+"""The `ponybot` console script: run, sync, generate, tiny-model, migrate, doctor, invite-url."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 
-from bot.config import SettingsError, load_settings
+from bot.config import Settings, SettingsError, load_settings
+
+#: exit status when Discord refused something or could not be reached (2: bad settings)
+EXIT_DISCORD = 3
+
+#: `ponybot run`'s exit status when the worker could not go on, e.g. a hung GPU (systemd's
+#: Restart=on-failure restarts it)
+EXIT_WORKER_FAILED = 4
 
 
 def _run(_args: argparse.Namespace) -> int:
     from bot.app import run_bot
     from bot.logging_setup import setup_logging
+    from bot.worker import WorkerFailed
 
     settings = load_settings()
     if settings.discord_token is None:
@@ -22,24 +32,73 @@ def _run(_args: argparse.Namespace) -> int:
         asyncio.run(run_bot(settings))
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # login failure and friends: one line, no traceback
-        import aiohttp
-        import discord
+    except WorkerFailed as exc:
+        print(
+            f"{exc}; its jobs are back in the queue. Exiting so the service manager restarts"
+            " ponybot on a fresh GPU context.",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(EXIT_WORKER_FAILED)  # the hung GPU thread can never be joined: leave without waiting
+    except Exception as exc:  # login failure, refused command sync and friends: one line, no traceback
+        line = _discord_failure(exc, settings)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_DISCORD
+    return 0
 
-        if isinstance(exc, discord.LoginFailure):
-            print(
-                "Discord refused the token: check DISCORD_TOKEN (Developer Portal > Bot > Reset Token).",
-                file=sys.stderr,
-            )
-            return 3
-        if isinstance(exc, aiohttp.ClientError | OSError | discord.GatewayNotFound):
-            print(
-                f"Could not reach Discord at {settings.discord_api_base} ({exc}). Check the network,"
-                " or DISCORD_API_BASE / DISCORD_GATEWAY_URL if you changed them.",
-                file=sys.stderr,
-            )
-            return 3
-        raise
+
+def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
+    """One line for an error talking to Discord (login, command sync), or None for anything else."""
+    import aiohttp
+    import discord
+
+    from bot.command_sync import CommandSyncRefused
+
+    if isinstance(exc, CommandSyncRefused):
+        return f"{exc}. Nothing was synced; fix that command's definition."
+    if isinstance(exc, discord.LoginFailure):
+        return "Discord refused the token: check DISCORD_TOKEN (Developer Portal > Bot > Reset Token)."
+    if isinstance(exc, discord.HTTPException):
+        response = exc.response
+        method = getattr(response, "method", "?")
+        path = str(getattr(getattr(response, "url", None), "path", "?"))
+        detail = " ".join((exc.text or str(getattr(response, "reason", "") or "")).split())
+        line = f"Discord at {settings.discord_api_base} answered HTTP {exc.status} to {method} {path}"
+        line += f" (code {exc.code}: {detail})." if detail else f" (code {exc.code})."
+        if exc.status == 404:
+            line += " Check DISCORD_API_BASE (leave it unset for discord.com)."
+        elif exc.status == 403 and path.endswith("/commands"):
+            line += " Invite the bot with the applications.commands scope (see README)."
+        return line
+    if isinstance(exc, aiohttp.ClientError | OSError | discord.GatewayNotFound):
+        return (
+            f"Could not reach Discord at {settings.discord_api_base} ({exc}). Check the network,"
+            " or DISCORD_API_BASE / DISCORD_GATEWAY_URL if you changed them."
+        )
+    return None
+
+
+def _sync(_args: argparse.Namespace) -> int:
+    from bot.command_sync import sync_now
+    from bot.logging_setup import setup_logging
+
+    settings = load_settings()
+    if settings.discord_token is None:
+        print("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_json)
+    try:
+        result = asyncio.run(sync_now(settings))
+    except Exception as exc:
+        line = _discord_failure(exc, settings)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_DISCORD
+    print(f"synced {result.count} slash commands {result.where}")
     return 0
 
 
@@ -74,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponybot", description="pony-diffusion Discord bot")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="log in to Discord and serve /pony").set_defaults(func=_run)
+    sub.add_parser(
+        "sync", help="send the slash commands to Discord now, even if unchanged (REST only)"
+    ).set_defaults(func=_sync)
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(func=_migrate)
     sub.add_parser("doctor", help="check settings, database, model and Discord access").set_defaults(
         func=_doctor

@@ -24,8 +24,8 @@ from generator.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
-#: Discord's largest integer option (2^53)
-MAX_JOB_ID = 2**53
+#: Discord's largest integer option value: 2^53 - 1 (Int53Type in Discord's OpenAPI spec; 2^53 is refused)
+MAX_JOB_ID = 2**53 - 1
 #: buttons in one message: 5 rows of 5
 MAX_BUTTONS = 25
 QUEUE_PROMPT_CHARS = 80

@@ -497,7 +497,10 @@ class Worker:
                 return await asyncio.get_running_loop().run_in_executor(
                     self._io, lambda: Image.open(path).convert("RGB")
                 )
-        log.info("re-creating pruned image", extra={"job_id": job.id, "image_index": index})
+        log.info(
+            "re-creating pruned image",
+            extra={"job_id": runs[0].job.id, "parent_id": job.id, "image_index": index},
+        )
         params = GenerationParams.from_dict(job.params)
         kwargs = {"should_cancel": lambda: all(r.cancel.is_set() for r in runs)}
         if job.kind == JobKind.TXT2IMG:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_discord import FakeDiscord, FakeMessage
+from discord_spec import STATS as SPEC_STATS
+from fake_discord import FakeDiscord, FakeMessage, SpecViolation, created_fakes, take_created
 
 from bot.app import PonyBot, run_bot
 from bot.config import load_settings
@@ -39,6 +40,48 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_SPEC_REPORTED = pytest.StashKey[int]()  # violations already reported by the test's call phase
+
+
+def _spec_failure(violations: list[SpecViolation]) -> str:
+    lines = "\n".join(f"  {v.method} {v.route}: {v.json_path}: {v.message}" for v in violations)
+    return f"request bodies that Discord's spec rejects (Discord answers 400 50035):\n{lines}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail the test itself when it (or the bot) sent a body that Discord's spec rejects."""
+    outcome = yield
+    violations = [v for fake in created_fakes() for v in fake.spec_violations]
+    if violations and outcome.excinfo is None:  # type: ignore[attr-defined]
+        item.stash[_SPEC_REPORTED] = len(violations)
+        outcome.force_exception(pytest.fail.Exception(_spec_failure(violations), pytrace=False))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def no_spec_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if the bot (or the test) sent the loopback Discord a request body that Discord's
+    OpenAPI spec rejects (route, field and the schema's message in the failure); bodies sent while
+    the test body ran fail the test, later ones (shutdown) its teardown."""
+    take_created()
+    yield
+    violations = [v for fake in take_created() for v in fake.spec_violations]
+    late = violations[request.node.stash.get(_SPEC_REPORTED, 0) :]
+    if late:
+        pytest.fail(_spec_failure(late), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many request bodies the spec check validated (and on how many route templates)."""
+    if SPEC_STATS.validated or SPEC_STATS.unvalidated:
+        terminalreporter.write_line(SPEC_STATS.summary())
+        if terminalreporter.verbosity > 0:  # -v: which routes
+            for route in sorted(SPEC_STATS.routes):
+                terminalreporter.write_line(f"  validated: {route}")
+            for route in sorted(SPEC_STATS.unvalidated_routes):
+                terminalreporter.write_line(f"  no body schema: {route}")
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +123,7 @@ def bot_env(fake: FakeDiscord, data_dir: Path, model: Path, **extra: Any) -> dic
         "PONY_RETRY_BACKOFF_S": "0.2",
         "PONY_LOG_LEVEL": "INFO",
         "OMP_NUM_THREADS": "1",  # subprocess bots: same reason as one_torch_thread
+        "PONY_CPU_THREADS": "1",  # the model load sets torch's threads: keep one_torch_thread's 1
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env

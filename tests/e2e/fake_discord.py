@@ -62,6 +62,16 @@ The first followup after a deferred (type 5) callback fills the "thinking" messa
 (filling it, by followup or by editing @original, does not count as an edit). Gateway MESSAGE_CREATE/
 UPDATE/DELETE events are sent for the bot's own non-ephemeral messages too, as Discord does.
 
+Spec check: every REST request body is validated against the request schema of its route in
+Discord's published OpenAPI spec (``tests/data/discord-api/openapi.json``, see ``discord_spec.py``;
+multipart requests: their ``payload_json``). A violation answers what Discord answers (400, 50035
+"Invalid Form Body", ``errors`` naming the field) and is appended to ``spec_violations``
+(``SpecViolation``: method, route template, path, field, json_path, message); the e2e conftest fails
+the test that caused it. A test that sends a bad body on purpose clears ``spec_violations`` once it
+has checked it; ``check_spec = False`` turns the check off for one fake. ``take_created()`` (module
+function) returns the fakes created since its last call, ``created_fakes()`` the same without
+forgetting them.
+
 Driving: ``await slash(name, options=None, *, user=None, channel_id=None, subcommand=None,
 validate=True)`` (``subcommand`` "sub" or "group sub"; option types from the synced schema, else
 inferred from Python types: bool, int, float, str, FakeUser, FakeChannel, bytes/(filename, bytes[,
@@ -117,6 +127,9 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, WSMsgType, web
+from discord_spec import STATS as SPEC_STATS
+from discord_spec import SpecViolation
+from discord_spec import spec as discord_spec
 
 __all__ = [
     "ADMINISTRATOR",
@@ -138,6 +151,9 @@ __all__ = [
     "InteractionResponse",
     "MessageSnapshot",
     "RecordedRequest",
+    "SpecViolation",
+    "created_fakes",
+    "take_created",
 ]
 
 log = logging.getLogger(__name__)
@@ -582,6 +598,21 @@ class _Request:
 
 _Handler = Callable[..., Awaitable[Any]]
 
+_CREATED: list[FakeDiscord] = []
+
+
+def take_created() -> list[FakeDiscord]:
+    """The FakeDiscord instances created since the last call (the e2e conftest checks their
+    ``spec_violations`` after each test)."""
+    created = list(_CREATED)
+    _CREATED.clear()
+    return created
+
+
+def created_fakes() -> list[FakeDiscord]:
+    """The FakeDiscord instances created since the last ``take_created()`` (kept)."""
+    return list(_CREATED)
+
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -696,6 +727,8 @@ class FakeDiscord:
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[RecordedRequest] = []
         self.internal_errors: list[Exception] = []
+        self.spec_violations: list[SpecViolation] = []
+        self.check_spec = True
         self.commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.gateway_events: list[tuple[str, dict[str, Any]]] = []
@@ -717,6 +750,9 @@ class FakeDiscord:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._routes = self._build_routes()
+        if self.check_spec:
+            discord_spec()  # load it now (once per process), not inside the first request
+        _CREATED.append(self)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1534,6 +1570,9 @@ class FakeDiscord:
             body, files = await self._read_body(request)
             record.json = body
             record.files = [files[i] for i in sorted(files)]
+            self._check_spec(
+                request.method, sub, body, multipart=request.content_type.startswith("multipart/")
+            )
             response = await self._route(
                 request, sub, _Request(request.method, sub, dict(request.query), body, files)
             )
@@ -1548,6 +1587,18 @@ class FakeDiscord:
             self.unhandled.append(record)
         record.status = response.status
         return response
+
+    def _check_spec(self, method: str, path: str, body: Any, *, multipart: bool) -> None:
+        """Answer 400 50035, as Discord does, to a body that its route's schema in the spec rejects."""
+        if not self.check_spec or body is None:
+            return
+        violations = discord_spec().check(method, path, body, multipart=multipart, stats=SPEC_STATS)
+        if not violations:
+            return
+        self.spec_violations.extend(violations)
+        first = violations[0]
+        log.warning("fake discord: %s violates Discord's spec", first)
+        raise _form_error(first.field, first.code, first.message)
 
     async def _route(self, request: web.Request, path: str, req: _Request) -> web.StreamResponse:
         fault = self._take_fault(req.method, path)
