@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from bot.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
+from generator.params import BATCH_KEY_FIELDS  # the keys jobs must share to batch (one definition)
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -37,9 +38,6 @@ Clock = Callable[[], float]
 DEFAULT_SEC_PER_UNIT = 0.1
 #: Weight of the newest measurement in the `sec_per_unit` moving average.
 EMA_ALPHA = 0.3
-#: The params keys that must match for jobs to share one batched pipeline call
-#: (`GenerationParams.batch_key`).
-BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "guidance")
 
 
 class JobStatus(StrEnum):

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from generator.config import GeneratorConfig
 from generator.errors import GeneratorError, InvalidParams
 from generator.params import ASPECTS, GenerationParams, aspect_size, random_seed, validate
-from generator.samplers import SAMPLER_NAMES
+from generator.samplers import SAMPLER_NAMES, SCHEDULE_NAMES
 
 DEFAULT_OUT = Path("outputs")
 
@@ -95,6 +95,12 @@ def build_generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 64 (overrides --aspect)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 64 (overrides --aspect)")
     p.add_argument("--sampler", choices=list(SAMPLER_NAMES), help="sampler (default: PONY_DEFAULT_SAMPLER)")
+    p.add_argument("--schedule", choices=list(SCHEDULE_NAMES), default="automatic", help="schedule type")
+    p.add_argument(
+        "--clip-skip", type=int, default=1, help="A1111 clip skip: 1 = last layer (default), 2 = penultimate"
+    )
+    p.add_argument("--lora-dir", type=Path, help="folder of <lora:name> .safetensors files")
+    p.add_argument("--embeddings-dir", type=Path, help="folder of textual-inversion embeddings")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: PONY_MODEL)")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="device (default: PONY_DEVICE)")
@@ -128,15 +134,28 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height if args.height is not None else height,
         count=args.count if args.count is not None else defaults.get("count", 1),
         sampler=args.sampler or defaults.get("sampler", SAMPLER_NAMES[0]),
+        clip_skip=args.clip_skip,
+        schedule=args.schedule,
     )
     if args.model:
         gen_config = replace(gen_config, model=args.model)
     if args.device:
         gen_config = replace(gen_config, device=args.device)
+    if args.lora_dir:
+        gen_config = replace(gen_config, lora_dir=args.lora_dir)
+    if args.embeddings_dir:
+        gen_config = replace(gen_config, embeddings_dir=args.embeddings_dir)
     # one run draws a few images: a compile warm-up (about a minute per shape) would cost far more
     gen_config = replace(gen_config, compile=False)
     try:
-        validate(params, max_pixels=gen_config.max_pixels, max_steps=gen_config.max_steps)
+        from generator.extra_files import available_loras
+
+        params = validate(
+            params,
+            max_pixels=gen_config.max_pixels,
+            max_steps=gen_config.max_steps,
+            loras=available_loras(gen_config.lora_dir),
+        )
     except InvalidParams as exc:
         return _fail(prog, str(exc), 2)
 
@@ -159,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = []
         for n, item in enumerate(result.images):
             paths.append(save_png(item.image, args.out / f"{params.seed}-{n}.png", item.parameters))
+        for note in result.notes:
+            print(note, file=sys.stderr)
     except GeneratorError as exc:
         return _fail(prog, str(exc), 2 if isinstance(exc, InvalidParams) else 1)
     except KeyboardInterrupt:

@@ -20,6 +20,10 @@ class GeneratorConfig:
     max_steps: int = 50
     variation_strength: float = 0.6
     hires_strength: float = 0.35
+    #: folder of `.safetensors` LoRAs used by `<lora:name:weight>` prompt tags (file stem = name)
+    lora_dir: Path | None = None
+    #: folder of textual-inversion embeddings (.safetensors/.pt/.bin) loaded at start; stem = word
+    embeddings_dir: Path | None = None
     #: torch intra-op threads on the CPU (PONY_CPU_THREADS); 0 = one core fewer than available
     cpu_threads: int = 0
     # --- speed (generator.fastpath) ---------------------------------------------------------

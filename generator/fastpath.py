@@ -158,7 +158,9 @@ def prepare_model(pipe: Any, config: GeneratorConfig, device: str) -> FastPathRe
         )
     _use_sdpa(pipe)
     report.applied.append("sdpa")
-    if config.fuse_qkv:
+    if config.fuse_qkv and config.lora_dir is not None:
+        _warn(report, "fused QKV projections are off: per-job LoRAs (PONY_LORA_DIR) adapt to_q/to_k/to_v")
+    elif config.fuse_qkv:
         try:
             pipe.fuse_qkv_projections()
             report.applied.append("fused qkv")
@@ -236,7 +238,8 @@ def _compile(fn: Callable[..., Any], mode: str, backend: str) -> Callable[..., A
 def route_unet(unet: Any, *, mode: str, backend: str = "inductor", cudagraphs: bool = False) -> CompiledRoute:
     """Replace `unet.forward` with a shape-routed compiled forward; returns the route.
 
-    Calls with extra conditioning (timestep_cond, added_cond_kwargs, cross_attention_kwargs) run
+    Calls with extra conditioning (timestep_cond, added_cond_kwargs, cross_attention_kwargs), and
+    any call while per-job LoRA adapters are in the UNet (`peft_config`), run
     eager. The timestep goes in as a float32 tensor on the UNet's device, for every sampler: the
     UNet's sinusoidal embedding casts it to float anyway, so one compiled graph serves integer
     (DDIM, DPM++) and float (Euler, LMS) timesteps with the same results.
@@ -258,7 +261,8 @@ def route_unet(unet: Any, *, mode: str, backend: str = "inductor", cudagraphs: b
         sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any, **kw: Any
     ):
         return_dict = kw.pop("return_dict", True)
-        if args or any(v is not None for v in kw.values()):
+        # per-job LoRA adapter layers (generator.loras) change the module tree: eager, no recompile
+        if args or any(v is not None for v in kw.values()) or getattr(unet, "peft_config", None):
             return eager_forward(
                 sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kw
             )

@@ -6,7 +6,9 @@ The text is what AUTOMATIC1111 writes, so its "PNG Info" tab, Civitai and other 
     Negative prompt: negative
     Steps: 25, Sampler: DDIM, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 0123456789, Model: x
 
-Values containing a comma, colon or newline are JSON-quoted, as A1111 does.
+Values containing a comma, colon or newline are JSON-quoted, as A1111 does. "Schedule type" follows
+the sampler (when not Automatic) and "Clip skip" the model (when above 1), as A1111 1.9+ writes
+them; the generator appends "Lora hashes" / "TI hashes". The prompt is kept as given (tags too).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from generator.params import GenerationParams
+from generator.samplers import SCHEDULES, schedule_name
 
 NEGATIVE_PREFIX = "Negative prompt:"
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -51,17 +55,19 @@ def format_parameters(
     extra: dict[str, Any] | None = None,
 ) -> str:
     """The A1111 text for one image made from `params` with `seed`; `extra` fields are appended."""
-    fields: dict[str, Any] = {
+    values: dict[str, Any] = {
         "Steps": params.steps,
         "Sampler": params.sampler,
+        "Schedule type": SCHEDULES.get(params.schedule) if params.schedule != "automatic" else None,
         "CFG scale": float(params.guidance),
         "Seed": seed,
         "Size": f"{params.width}x{params.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
     }
-    fields.update(extra or {})
-    line = format_fields(fields)
+    values.update(extra or {})
+    line = format_fields(values)
     lines = [params.prompt]
     if params.negative:
         lines.append(f"{NEGATIVE_PREFIX} {params.negative}")
@@ -125,8 +131,9 @@ def _num(value: str | None, kind: type) -> Any:
 def parse_parameters(text: str) -> dict[str, Any]:
     """Parse A1111 text (A1111's own algorithm) into a dict.
 
-    Keys: prompt, negative (str); steps, seed, width, height (int or None); cfg (float or None);
-    sampler, model, model_hash (str or None); extra (dict of the other fields, as strings).
+    Keys: prompt, negative (str); steps, seed, width, height, clip_skip (int or None); cfg (float or
+    None); sampler, schedule (our value, e.g. "karras"), model, model_hash (str or None); extra (dict
+    of the other fields, as strings; an unknown "Schedule type" stays there).
     """
     *lines, last = text.rstrip("\n").split("\n")
     if len(_RE_PARAM.findall(last)) < 3:
@@ -156,14 +163,25 @@ def parse_parameters(text: str) -> dict[str, Any]:
         "height": int(size.group(2)) if size else None,
         "model_hash": fields.pop("Model hash", None),
         "model": fields.pop("Model", None),
+        "clip_skip": _num(fields.pop("Clip skip", None), int),
+        "schedule": None,
     }
+    schedule = schedule_name(fields.get("Schedule type", ""))
+    if schedule is not None:
+        fields.pop("Schedule type")
+        result["schedule"] = schedule
     result["extra"] = fields
     return result
 
 
 def to_params(parsed: dict[str, Any], **overrides: Any) -> GenerationParams:
-    """A count=1 `GenerationParams` from `parse_parameters` output (missing fields: defaults)."""
-    defaults = GenerationParams(prompt="")
+    """A count=1 `GenerationParams` from `parse_parameters` output (missing fields: defaults).
+
+    The prompt keeps its `<lora:...>` tags (the generator applies them).
+    """
+    defaults = {
+        f.name: getattr(GenerationParams(prompt=""), f.name) for f in dataclass_fields(GenerationParams)
+    }
     values = {
         "prompt": parsed.get("prompt") or "",
         "negative": parsed.get("negative") or "",
@@ -173,7 +191,9 @@ def to_params(parsed: dict[str, Any], **overrides: Any) -> GenerationParams:
         "width": parsed.get("width"),
         "height": parsed.get("height"),
         "sampler": parsed.get("sampler"),
+        "clip_skip": parsed.get("clip_skip"),
+        "schedule": parsed.get("schedule"),
         "count": 1,
     }
     kept = {k: v for k, v in values.items() if v is not None}
-    return GenerationParams(**{**defaults.to_dict(), **kept, **overrides})
+    return GenerationParams(**{**defaults, **kept, **overrides})

@@ -11,6 +11,12 @@ as one UNet batch for speed, and a batched image may differ from its single re-r
 
 Speed set-up per device (few-step LoRA, SDPA, torch.compile + CUDA graphs, warm-up) lives in
 `generator.fastpath`; a call never holds more than `config.batch_size` images.
+
+What A1111/Civitai prompts carry: `<lora:name:weight>` tags select per-job LoRAs
+(`generator.loras`; all requests of a batch share one set), embedding words bring their vectors
+(`generator.embeddings`), `[from:to:when]` / `[a|b]` swap the encodings between steps
+(`generator.conditioning`), and what is not supported is dropped with a note
+(`generator.prompt_syntax`); the A1111 text keeps the prompt as given.
 """
 
 from __future__ import annotations
@@ -22,23 +28,34 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
 from generator import fastpath
+from generator.conditioning import ScheduledEmbeds, StepConditioning, encode_scheduled, pad_pair
 from generator.config import GeneratorConfig
+from generator.embeddings import Embeddings
 from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
 from generator.fastpath import FastPathReport
 from generator.loader import LoadedModel, load_pipeline
+from generator.loras import LoraManager
 from generator.metadata import format_fields, format_parameters, read_parameters, to_params
 from generator.metadata import parse_parameters as _parse
-from generator.params import MAX_GUIDANCE, MAX_SEED, MIN_GUIDANCE, GenerationParams, validate
+from generator.params import (
+    MAX_CLIP_SKIP,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MIN_GUIDANCE,
+    GenerationParams,
+    validate,
+)
 from generator.preview import latents_to_preview
-from generator.prompts import encode
-from generator.samplers import SAMPLER_NAMES
+from generator.prompt_syntax import parse_prompt, prompt_notes
+from generator.prompts import encode_text
+from generator.samplers import SAMPLER_NAMES, schedule_error
 from generator.schedulers import SAMPLER_CALL_KWARGS, make_scheduler
 from generator.upscale import Upscaler, load_upscaler, upscale_tiled
 
@@ -66,12 +83,16 @@ class ImageResult:
 
 @dataclass
 class GenerationResult:
-    """The images of one request, the seconds they took and their size."""
+    """The images of one request, the seconds they took, their size, and notes on ignored syntax.
+
+    `notes` are short lines such as "ignored: AND" (`prompt_syntax.prompt_notes`).
+    """
 
     images: list[ImageResult]
     seconds: float
     width: int
     height: int
+    notes: list[str] = field(default_factory=list)
 
 
 def _seed(seed: int, i: int) -> int:
@@ -133,7 +154,11 @@ class Generator:
         self.fast_lora: str | None = None
         self._samplers: tuple[str, ...] = SAMPLER_NAMES
         self.fast_path: FastPathReport | None = None
+        self.embeddings = Embeddings.load(self.pipe, config.embeddings_dir)
+        self.loras = LoraManager(self.pipe, config.lora_dir)
         self._prepare_for_device()
+        # compiled UNet routes need the plain modules back for jobs without LoRAs
+        self.loras.keep_loaded = not (self.fast_path is not None and self.fast_path.routes)
 
     @classmethod
     def load(cls, config: GeneratorConfig) -> Generator:
@@ -165,7 +190,9 @@ class Generator:
         if self.fast_lora is None:
             return params
         c = self.config
-        return replace(params, sampler=c.fast_sampler, steps=c.fast_steps, guidance=c.fast_guidance)
+        return replace(
+            params, sampler=c.fast_sampler, steps=c.fast_steps, guidance=c.fast_guidance, schedule="automatic"
+        )
 
     def _check(self, params: GenerationParams) -> GenerationParams:
         return validate(
@@ -173,7 +200,16 @@ class Generator:
             max_pixels=self.config.max_pixels,
             max_steps=self.config.max_steps,
             samplers=self._samplers,
+            loras=self.available_loras(),
         )
+
+    def available_loras(self) -> list[str]:
+        """The LoRA names `<lora:name>` may use (files of `config.lora_dir`), sorted."""
+        return self.loras.available()
+
+    def available_embeddings(self) -> list[str]:
+        """The loaded textual-inversion embedding names (words of the prompts), sorted."""
+        return self.embeddings.names()
 
     def _install_per_image_unet(self) -> None:
         """Run the UNet one image (its uncond + cond rows) at a time: batch-size invariant on CPU."""
@@ -228,12 +264,12 @@ class Generator:
     def _sample(
         self,
         *,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor,
+        conditioning: StepConditioning,
         seeds: list[int],
         steps: int,
         guidance: float,
         sampler: str,
+        schedule: str = "automatic",
         width: int | None = None,
         height: int | None = None,
         init_image: Image.Image | None = None,
@@ -242,18 +278,29 @@ class Generator:
         want_preview: bool = False,
         should_cancel: CancelFn | None = None,
     ) -> torch.Tensor:
-        """One pipeline call (txt2img, or img2img when `init_image` is given) -> final latents."""
+        """One pipeline call (txt2img, or img2img when `init_image` is given) -> final latents.
+
+        `conditioning` gives each image's prompt and negative encodings per step: the UNet call
+        after step i gets those of step i + 1 (through `callback_on_step_end`).
+        """
         if should_cancel is not None and should_cancel():
             raise Cancelled(CANCELLED_MESSAGE)
-        scheduler = make_scheduler(sampler, self._scheduler_base)
+        scheduler = make_scheduler(sampler, self._scheduler_base, schedule)
+        if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image seed
+            scheduler.noise_sampler_seed = list(seeds)
         self.pipe.scheduler = scheduler
         self._img2img.scheduler = scheduler
         self._cfg = guidance > 1.0
         last_preview = [-math.inf]
+        prompt_embeds, negative_embeds = conditioning.at(1)
 
         def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if should_cancel is not None and should_cancel():
                 raise Cancelled(CANCELLED_MESSAGE)
+            out: dict[str, Any] = {}
+            embeds = conditioning.update(i + 2, pipe.do_classifier_free_guidance)
+            if embeds is not None:
+                out["prompt_embeds"] = embeds
             if progress is not None:
                 preview = None
                 now = time.monotonic()
@@ -261,7 +308,7 @@ class Generator:
                     preview = latents_to_preview(tensors["latents"])
                     last_preview[0] = now
                 progress(i + 1, pipe.num_timesteps, preview)
-            return {}
+            return out
 
         kwargs: dict[str, Any] = {
             "prompt_embeds": prompt_embeds.to(self.device, self.dtype),
@@ -311,15 +358,53 @@ class Generator:
             images.append(self.pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0])
         return images
 
-    def _encode(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode(self.pipe, [params.prompt], [params.negative])
+    def _use_loras(self, params: GenerationParams) -> list[tuple[str, float]]:
+        """Activate the prompt's LoRAs (none: all off) for the coming calls; returns them resolved."""
+        loras = self.loras.resolve(list(parse_prompt(params.prompt).loras))
+        self.loras.activate(loras)
+        return loras
+
+    def _schedule_steps(self, params: GenerationParams, steps: int) -> int:
+        """Steps of the prompt schedule: A1111 counts both model calls of a second-order step."""
+        return steps * int(
+            getattr(make_scheduler(params.sampler, self._scheduler_base, params.schedule), "order", 1)
+        )
+
+    def _conditioning(
+        self, params: GenerationParams, steps: int, cache: dict[tuple[str, int], torch.Tensor]
+    ) -> tuple[ScheduledEmbeds, ScheduledEmbeds]:
+        """The prompt's and negative's encodings over `steps` schedule steps, padded to one length.
+
+        `cache` holds encodings by (text, clip skip) for the call (the active LoRAs are fixed).
+        """
+
+        def encode(text: str) -> torch.Tensor:
+            key = (text, params.clip_skip)
+            if key not in cache:
+                cache[key] = encode_text(self.pipe, text, params.clip_skip).to(self.device, self.dtype)
+            return cache[key]
+
+        pos = encode_scheduled(parse_prompt(params.prompt).text, steps, encode)
+        neg = encode_scheduled(parse_prompt(params.negative, negative=True).text, steps, encode)
+        return pad_pair(pos, neg, encode(""))
 
     def _parameters(self, params: GenerationParams, seed: int, extra: dict[str, Any] | None = None) -> str:
-        if self.fast_lora is not None:
-            extra = {**(extra or {}), "Lora hashes": self.fast_lora}
+        extra = {**(extra or {}), **self._hashes(params)}
         return format_parameters(
             params, seed, model_name=self.model_name, model_hash=self.model_hash, extra=extra
         )
+
+    def _hashes(self, params: GenerationParams) -> dict[str, str]:
+        """A1111's "Lora hashes" (fast-mode LoRA first) and "TI hashes" of a request."""
+        out: dict[str, str] = {}
+        job = self.loras.hashes(self.loras.resolve(list(parse_prompt(params.prompt).loras)))
+        loras = ", ".join(h for h in (self.fast_lora, job) if h)
+        if loras:
+            out["Lora hashes"] = loras
+        ti = self.embeddings.hashes(parse_prompt(params.prompt).text, params.negative)
+        if ti:
+            out["TI hashes"] = ti
+        return out
 
     # -- txt2img ---------------------------------------------------------------------------------
 
@@ -353,7 +438,9 @@ class Generator:
             return []
         checked = [self._check(p) for p in requests]
         if len({p.batch_key() for p in checked}) != 1:
-            raise InvalidParams("Requests in one batch must share size, steps, sampler and guidance.")
+            raise InvalidParams(
+                "Requests in one batch must share size, steps, sampler, guidance, clip skip, schedule and LoRAs."
+            )
         return self._txt2img_many(checked, progress, False, should_cancel)
 
     def _txt2img_many(
@@ -366,27 +453,31 @@ class Generator:
         start = time.perf_counter()
         first = requests[0]
         with self._guard():
-            encoded = [self._encode(p) for p in requests]
+            self._use_loras(first)
+            steps = self._schedule_steps(first, first.steps)
+            cache: dict[tuple[str, int], torch.Tensor] = {}
+            encoded = [self._conditioning(p, steps, cache) for p in requests]
             # (request, image index) entries grouped by conditioning length, then cut into calls
             # of at most `config.batch_size` images (the memory bound and the warmed shapes)
             groups: dict[int, list[tuple[int, int]]] = {}
             for r, (pos, _) in enumerate(encoded):
-                groups.setdefault(pos.shape[1], []).extend((r, i) for i in range(requests[r].count))
+                groups.setdefault(pos.length, []).extend((r, i) for i in range(requests[r].count))
             cap = max(1, self.config.batch_size)
             calls = [entries[k : k + cap] for entries in groups.values() for k in range(0, len(entries), cap)]
             images: dict[int, list[Image.Image]] = {r: [] for r in range(len(requests))}
             for c, chunk in enumerate(calls):
-                pos = torch.cat([encoded[r][0] for r, _ in chunk])
-                neg = torch.cat([encoded[r][1] for r, _ in chunk])
+                conditioning = StepConditioning(
+                    [encoded[r][0] for r, _ in chunk], [encoded[r][1] for r, _ in chunk]
+                )
                 seeds = [_seed(requests[r].seed, i) for r, i in chunk]
                 step_progress = _part_progress(progress, c, len(calls))
                 latents = self._sample(
-                    prompt_embeds=pos,
-                    negative_embeds=neg,
+                    conditioning=conditioning,
                     seeds=seeds,
                     steps=first.steps,
                     guidance=first.guidance,
                     sampler=first.sampler,
+                    schedule=first.schedule,
                     width=first.width,
                     height=first.height,
                     progress=step_progress,
@@ -403,7 +494,10 @@ class Generator:
                 ImageResult(image=im, seed=_seed(p.seed, i), parameters=self._parameters(p, _seed(p.seed, i)))
                 for i, im in enumerate(images[r])
             ]
-            results.append(GenerationResult(items, seconds * p.count / total_images, p.width, p.height))
+            notes = prompt_notes(p.prompt, p.negative)
+            results.append(
+                GenerationResult(items, seconds * p.count / total_images, p.width, p.height, notes)
+            )
         return results
 
     # -- img2img ---------------------------------------------------------------------------------
@@ -417,15 +511,16 @@ class Generator:
         want_preview: bool,
         should_cancel: CancelFn | None,
     ) -> list[Image.Image]:
-        pos, neg = self._encode(params)
+        self._use_loras(params)
+        steps = max(params.steps, math.ceil(1 / strength))  # at least one step survives the strength cut
+        pos, neg = self._conditioning(params, self._schedule_steps(params, steps), {})
         latents = self._sample(
-            prompt_embeds=pos.expand(params.count, -1, -1),
-            negative_embeds=neg.expand(params.count, -1, -1),
+            conditioning=StepConditioning([pos] * params.count, [neg] * params.count),
             seeds=[_seed(params.seed, i) for i in range(params.count)],
-            # at least one denoising step survives the strength cut
-            steps=max(params.steps, math.ceil(1 / strength)),
+            steps=steps,
             guidance=params.guidance,
             sampler=params.sampler,
+            schedule=params.schedule,
             init_image=init,
             strength=strength,
             progress=progress,
@@ -462,18 +557,22 @@ class Generator:
             ImageResult(im, _seed(params.seed, i), self._parameters(params, _seed(params.seed, i), extra))
             for i, im in enumerate(images)
         ]
-        return GenerationResult(items, time.perf_counter() - start, params.width, params.height)
+        notes = prompt_notes(params.prompt, params.negative)
+        return GenerationResult(items, time.perf_counter() - start, params.width, params.height, notes)
 
     # -- upscale ---------------------------------------------------------------------------------
 
     def _usable(self, params: GenerationParams) -> GenerationParams:
         """Clamp params that may come from foreign metadata into what this generator runs."""
+        sampler = params.sampler if params.sampler in SAMPLER_NAMES else SAMPLER_NAMES[0]
         return replace(
             params,
             seed=params.seed % (MAX_SEED + 1),
             steps=min(max(params.steps, 1), self.config.max_steps),
             guidance=min(max(params.guidance, MIN_GUIDANCE), MAX_GUIDANCE),
-            sampler=params.sampler if params.sampler in SAMPLER_NAMES else SAMPLER_NAMES[0],
+            sampler=sampler,
+            clip_skip=min(max(params.clip_skip, 1), MAX_CLIP_SKIP),
+            schedule="automatic" if schedule_error(sampler, params.schedule) else params.schedule,
         )
 
     def upscale(

@@ -8,6 +8,16 @@ each chunk is encoded as BOS + 75 tokens + EOS (padded with EOS) and the chunk e
 concatenated. Weights scale the encoder's output per token, and each chunk is rescaled to its
 original mean (A1111's "Original" emphasis).
 
+Textual inversion: an embedding loaded with `pipe.load_textual_inversion(path, token=name)` adds
+the tokens `name`, `name_1`, ... (one per vector) to the tokenizer. Where its name appears in the
+prompt as a word (any case, as A1111 matches it), all its token ids go in, in one chunk (a chunk
+without room for them is closed first, as A1111 does); diffusers' `maybe_convert_prompt` does the
+same expansion for its own encoder. (One difference from A1111: the tokenizer itself splits an
+added token out of a longer word, `easynegx`.)
+
+Clip skip (A1111's `CLIP_stop_at_last_layers`): `clip_skip` 1 uses the last layer's output, n > 1
+the output of the n-th layer from the end (`hidden_states[-n]`) through the final layer norm.
+
 Why not compel: compel 2.5.1 (checked in the installed source) has no A1111 syntax mode. Its own
 grammar reads `((word))` as weight 1.0 and `[word]` as literal text, and its weighting differs
 (upweights lerp away from the empty prompt, downweights blend with a masked prompt) as does its
@@ -25,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from generator.prompt_syntax import embedding_key, embedding_pattern
 
 CHUNK_TOKENS = 75  #: prompt tokens per chunk (plus BOS and EOS = the encoder's 77 positions)
 COMMA_BACKTRACK = 20  #: A1111 `comma_padding_backtrack` default
@@ -116,13 +128,61 @@ class _Chunk:
     multipliers: list[float] = field(default_factory=list)
 
 
+_RE_VECTOR = re.compile(r"^(.+)_(\d+)$")
+_EMBEDDINGS: dict[int, tuple[int, re.Pattern[str] | None, dict[str, list[int]]]] = {}
+
+
+def embedding_tokens(tokenizer: Any) -> tuple[re.Pattern[str] | None, dict[str, list[int]]]:
+    """(regex of the loaded embedding names, name key -> its token ids) from `tokenizer`'s added tokens.
+
+    Cached per tokenizer and vocabulary size (loading an embedding adds tokens).
+    """
+    size = len(tokenizer)
+    cached = _EMBEDDINGS.get(id(tokenizer))
+    if cached is not None and cached[0] == size:
+        return cached[1], cached[2]
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    added = {t: i for t, i in tokenizer.get_added_vocab().items() if t not in special}
+    names = [t for t in added if not ((m := _RE_VECTOR.match(t)) and m.group(1) in added)]
+    ids: dict[str, list[int]] = {}
+    for name in names:
+        vector_ids = [added[name]]
+        while f"{name}_{len(vector_ids)}" in added:
+            vector_ids.append(added[f"{name}_{len(vector_ids)}"])
+        ids[embedding_key(name)] = vector_ids
+    pattern = embedding_pattern(names)
+    _EMBEDDINGS[id(tokenizer)] = (size, pattern, ids)
+    return pattern, ids
+
+
+def _units(tokenizer: Any, texts: list[str]) -> list[list[list[int]]]:
+    """Per fragment: its units, each one token id or all token ids of one embedding."""
+    pattern, vectors = embedding_tokens(tokenizer)
+    if pattern is None:
+        tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+        return [[[t] for t in ids] for ids in tokenized]
+    out = []
+    for text in texts:
+        units: list[list[int]] = []
+        pos = 0
+        for m in [*pattern.finditer(text), None]:
+            piece = text[pos : m.start() if m else len(text)]
+            if piece:
+                ids = tokenizer(piece, truncation=False, add_special_tokens=False)["input_ids"]
+                units.extend([t] for t in ids)
+            if m is not None:
+                units.append(list(vectors[embedding_key(m.group(0))])[:CHUNK_TOKENS])
+                pos = m.end()
+        out.append(units)
+    return out
+
+
 def tokenize_chunks(tokenizer: Any, text: str) -> tuple[list[list[int]], list[list[float]]]:
     """A1111's `tokenize_line`: token ids and weights per 77-long chunk (BOS ... EOS, EOS-padded)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     parsed = parse_prompt_attention(text)
-    texts = [t for t, _ in parsed]
-    tokenized = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+    tokenized = _units(tokenizer, [t for t, _ in parsed])
 
     chunks: list[_Chunk] = []
     chunk = _Chunk()
@@ -141,8 +201,8 @@ def tokenize_chunks(tokenizer: Any, text: str) -> tuple[list[list[int]], list[li
         if (fragment, weight) == _BREAK:
             next_chunk()
             continue
-        for token in tokens:
-            if token == comma:
+        for unit in tokens:
+            if unit == [comma]:
                 last_comma = len(chunk.tokens)
             elif (
                 len(chunk.tokens) == CHUNK_TOKENS
@@ -155,23 +215,32 @@ def tokenize_chunks(tokenizer: Any, text: str) -> tuple[list[list[int]], list[li
                 chunk.tokens, chunk.multipliers = chunk.tokens[:cut], chunk.multipliers[:cut]
                 next_chunk()
                 chunk.tokens, chunk.multipliers = moved_tokens, moved_mults
-            if len(chunk.tokens) == CHUNK_TOKENS:
+            if chunk.tokens and len(chunk.tokens) + len(unit) > CHUNK_TOKENS:
                 next_chunk()
-            chunk.tokens.append(token)
-            chunk.multipliers.append(weight)
+            chunk.tokens.extend(unit)
+            chunk.multipliers.extend([weight] * len(unit))
 
     if chunk.tokens or not chunks:
         next_chunk()
     return [c.tokens for c in chunks], [c.multipliers for c in chunks]
 
 
+def _hidden(encoder: Any, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    if clip_skip <= 1:
+        return encoder(ids)[0]  # last hidden state (CLIP's final layer norm applied), chunk-batched
+    hidden = encoder(ids, output_hidden_states=True).hidden_states
+    z = hidden[-min(clip_skip, len(hidden))]
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); older versions nest it
+    return getattr(encoder, "text_model", encoder).final_layer_norm(z)
+
+
 @torch.no_grad()
-def encode_text(pipe: Any, text: str) -> torch.Tensor:
+def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> torch.Tensor:
     """Encode one A1111 prompt: a (1, 77 * chunks, dim) tensor on the text encoder's device."""
     encoder = pipe.text_encoder
     tokens, multipliers = tokenize_chunks(pipe.tokenizer, text)
     ids = torch.tensor(tokens, dtype=torch.long, device=encoder.device)
-    z = encoder(ids)[0].float()  # last hidden state (CLIP's final layer norm applied), chunk-batched
+    z = _hidden(encoder, ids, clip_skip).float()
     mults = torch.tensor(multipliers, dtype=torch.float32, device=z.device).unsqueeze(-1)
     if bool((mults != 1.0).any()):
         # per chunk, as A1111's process_tokens (which runs once per 77-token chunk)
@@ -191,7 +260,9 @@ def pad_to_length(embeds: torch.Tensor, length: int, empty: torch.Tensor) -> tor
     return embeds
 
 
-def encode(pipe: Any, prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts and negative prompts (same count) to (prompt_embeds, negative_embeds).
 
     Both are (len(prompts), L, dim) with one common L, a multiple of 77: shorter encodings are
@@ -203,7 +274,7 @@ def encode(pipe: Any, prompts: list[str], negatives: list[str]) -> tuple[torch.T
 
     def one(text: str) -> torch.Tensor:
         if text not in cache:
-            cache[text] = encode_text(pipe, text)
+            cache[text] = encode_text(pipe, text, clip_skip)
         return cache[text]
 
     pos = [one(p) for p in prompts]

@@ -1,4 +1,11 @@
-"""Sampler names (`generator.samplers.SAMPLER_NAMES`) -> diffusers schedulers.
+"""Sampler names (`generator.samplers.SAMPLER_NAMES`) and schedule types -> diffusers schedulers.
+
+Schedule types map to the schedulers' `use_karras_sigmas` / `use_exponential_sigmas` (where
+`generator.samplers.SAMPLER_SCHEDULES` allows them); "automatic" keeps the sampler's own sigmas.
+`DPM++ SDE` is `DPMSolverSDEScheduler` (its Brownian-tree noise needs torchsde); its noise is seeded
+per image by the generator (`noise_sampler_seed`), so it is deterministic and batch invariant.
+`DPM++ 2M SDE` is `DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")` (midpoint
+solver, as k-diffusion's `sample_dpmpp_2m_sde`), its noise drawn from the per-image generators.
 
 Every scheduler keeps the model's training noise schedule (SD v1.x: scaled_linear betas
 0.00085..0.012); DDIM gets the model card's settings exactly. Instances are cached per
@@ -16,6 +23,7 @@ import numpy as np
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
@@ -28,7 +36,7 @@ from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from generator.errors import InvalidParams
-from generator.samplers import FAST_SAMPLER_NAMES, SAMPLER_NAMES
+from generator.samplers import FAST_SAMPLER_NAMES, SAMPLER_NAMES, schedule_error
 
 #: the SD v1.x training schedule, shared by every sampler
 NOISE_SCHEDULE: dict[str, Any] = {
@@ -85,6 +93,21 @@ _TABLE: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
     "UniPC": (UniPCMultistepScheduler, NOISE_SCHEDULE),
     "LMS": (QuadratureLMSDiscreteScheduler, NOISE_SCHEDULE),
+    "DPM++ SDE": (DPMSolverSDEScheduler, {**NOISE_SCHEDULE, "use_karras_sigmas": False}),
+    "DPM++ SDE Karras": (DPMSolverSDEScheduler, {**NOISE_SCHEDULE, "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": (
+        DPMSolverMultistepScheduler,
+        {
+            **NOISE_SCHEDULE,
+            "algorithm_type": "sde-dpmsolver++",
+            "solver_order": 2,
+            "use_karras_sigmas": False,
+        },
+    ),
+    "DPM++ 2M SDE Karras": (
+        DPMSolverMultistepScheduler,
+        {**NOISE_SCHEDULE, "algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
     # few-step samplers of a fused LCM-LoRA / TCD / Hyper-SD LoRA (fast mode only)
     "LCM": (LCMScheduler, NOISE_SCHEDULE),
     "TCD": (TCDScheduler, NOISE_SCHEDULE),
@@ -94,23 +117,45 @@ assert set(_TABLE) == set(SAMPLER_NAMES) | set(FAST_SAMPLER_NAMES), "every sampl
 #: extra pipeline-call arguments per sampler (TCD's gamma, passed as `eta`, as its authors use it)
 SAMPLER_CALL_KWARGS: dict[str, dict[str, Any]] = {"TCD": {"eta": 0.3}}
 
-_CACHE: dict[tuple[str, str], SchedulerMixin] = {}
+#: schedule type -> sigma flags (only for samplers whose scheduler has them)
+_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_SCHEDULE_FLAGS: dict[str, dict[str, bool]] = {
+    "karras": {"use_karras_sigmas": True, "use_exponential_sigmas": False},
+    "exponential": {"use_karras_sigmas": False, "use_exponential_sigmas": True},
+}
+
+_CACHE: dict[tuple[str, str, str], SchedulerMixin] = {}
 
 
-def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None) -> SchedulerMixin:
-    """The scheduler for sampler `name`, built from the model's scheduler config (cached).
+def _config(name: str, base: dict[str, Any], schedule: str) -> dict[str, Any]:
+    _, overrides = _TABLE[name]
+    # timestep_spacing/steps_offset of the model are kept (SD v1: "leading", 1), except for DDIM
+    config = {k: v for k, v in base.items() if k not in _SIGMA_FLAGS}
+    config.update(overrides)
+    if schedule in _SCHEDULE_FLAGS:
+        config.update(_SCHEDULE_FLAGS[schedule])
+    return config
+
+
+def make_scheduler(
+    name: str, base_config: Mapping[str, Any] | None = None, schedule: str = "automatic"
+) -> SchedulerMixin:
+    """The scheduler for sampler `name` and `schedule`, built from the model's scheduler config (cached).
 
     `base_config` is the loaded pipeline's `scheduler.config` (or None for defaults); the
-    sampler's own settings override it. Raises `InvalidParams` for an unknown name.
+    sampler's own settings override it. Raises `InvalidParams` for an unknown name or a schedule
+    the sampler does not support.
     """
     if name not in _TABLE:
         raise InvalidParams(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}.")
+    error = schedule_error(name, schedule)
+    if error is not None:
+        raise InvalidParams(error)
     base = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_")}
-    key = (name, json.dumps(base, sort_keys=True, default=str))
+    key = (name, schedule, json.dumps(base, sort_keys=True, default=str))
     scheduler = _CACHE.get(key)
     if scheduler is None:
-        cls, overrides = _TABLE[name]
-        # timestep_spacing/steps_offset of the model are kept (SD v1: "leading", 1), except for DDIM
-        scheduler = cls.from_config({**base, **overrides})
+        cls, _ = _TABLE[name]
+        scheduler = cls.from_config(_config(name, base, schedule))
         _CACHE[key] = scheduler
     return scheduler

@@ -1,4 +1,5 @@
-"""Tiny random models on disk, offline: an SD v1.x pipeline and an ESRGAN x4 upscaler.
+"""Tiny random models on disk, offline: an SD v1.x pipeline, an ESRGAN x4 upscaler, and random
+LoRAs (diffusers and kohya layouts) and textual-inversion embeddings for that pipeline.
 
 They have the real architectures (diffusers/transformers/spandrel classes) at toy sizes, so tests,
 `ponybot generate --model <tiny>` and the CPU benchmark exercise the real code paths in well under a
@@ -182,4 +183,75 @@ def write_random_lora(
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=layers, weight_name=path.name, safe_serialization=True
     )
+    return path
+
+
+def write_random_kohya_lora(
+    model_dir: Path,
+    path: Path,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    scale: float = 0.5,
+    text_encoder: bool = True,
+) -> Path:
+    """Write a random LoRA in kohya's layout (what Civitai and A1111 users have) to `path` (.safetensors).
+
+    Keys `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` on every UNet
+    attention's to_q/to_k/to_v/to_out.0, and with `text_encoder` `lora_te_<module>...` on every
+    CLIP attention's q/k/v/out_proj, with kohya's training metadata header. Random weights
+    (`scale` their standard deviation). For tests: the images are noise.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    models: list[tuple[str, torch.nn.Module, tuple[str, ...]]] = [
+        ("lora_unet", UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet"), _UNET_TARGETS)
+    ]
+    if text_encoder:
+        te = CLIPTextModel.from_pretrained(Path(model_dir) / "text_encoder")
+        models.append(("lora_te", te, ("q_proj", "k_proj", "v_proj", "out_proj")))
+    state: dict[str, torch.Tensor] = {}
+    for prefix, model, targets in models:
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            key = f"{prefix}_{name.replace('.', '_')}"
+            down = torch.randn((rank, module.in_features), generator=generator) * scale
+            up = torch.randn((module.out_features, rank), generator=generator) * scale
+            state[f"{key}.lora_down.weight"] = down.contiguous()
+            state[f"{key}.lora_up.weight"] = up.contiguous()
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(state, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+    return path
+
+
+_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def write_random_embedding(model_dir: Path, path: Path, *, vectors: int = 2, seed: int = 0) -> Path:
+    """Write a random textual-inversion embedding of `vectors` vectors for `model_dir`'s text encoder.
+
+    The format follows the suffix, as A1111/Civitai files have it: `.safetensors` holds
+    `{"emb_params": (vectors, dim)}`; `.pt`/`.bin` an A1111 dict (`string_to_param["*"]`, name, step).
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    generator = torch.Generator().manual_seed(seed)
+    emb = torch.randn((vectors, int(config["hidden_size"])), generator=generator)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"emb_params": emb.contiguous()}, str(path))
+    else:
+        data = {"string_to_token": {"*": 265}, "string_to_param": {"*": emb}, "name": path.stem, "step": 0}
+        torch.save(data, path)
     return path

@@ -579,7 +579,17 @@ async def test_claim_queries_use_indexes_not_scans(q: JobQueue) -> None:
     """Claim cost must scale with waiting users, never with the number of jobs."""
     from bot.queue import _ADMISSION_SQL, _PICK
 
-    key = {"width": 512, "height": 512, "steps": 20, "sampler": "DDIM", "guidance": 7.0, "room": 4}
+    key = {
+        "width": 512,
+        "height": 512,
+        "steps": 20,
+        "sampler": "DDIM",
+        "guidance": 7.0,
+        "clip_skip": 1,
+        "schedule": "automatic",
+        "loras": "",
+        "room": 4,
+    }
     for sql in [*_PICK.values(), _ADMISSION_SQL]:
         plan = await q.connection.execute_fetchall(
             "EXPLAIN QUERY PLAN " + sql, {"now": 1.0, "guild": 0, "interaction": 1, "user": 1, **key}

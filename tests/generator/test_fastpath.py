@@ -338,3 +338,30 @@ def test_settings_feed_the_fast_path(tmp_path: Path) -> None:
     )
     assert chosen.generator_config().warmup_sizes == ((512, 512), (512, 768))
     assert chosen.generator_config().fast_lora == tmp_path / "l.safetensors"
+
+
+def test_unet_route_runs_eager_while_lora_adapters_are_loaded(tiny_model_dir: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    route = fastpath.route_unet(unet, mode="default", backend="eager")
+    sample, states = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    route.warming = True
+    with torch.no_grad():
+        unet(sample, 10, states)
+        route.warming = False
+        unet(sample, 10, states)
+        assert route.compiled_calls == 2
+        unet.peft_config = {"lora_0": object()}  # what diffusers sets when an adapter is loaded
+        unet(sample, 10, states)
+        assert route.compiled_calls == 2  # eager: a changed module tree never recompiles mid-queue
+        del unet.peft_config
+        unet(sample, 10, states)
+        assert route.compiled_calls == 3
+
+
+def test_fuse_qkv_is_off_with_a_lora_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = replace(_config(tiny_model_dir), fuse_qkv=True, lora_dir=tmp_path)
+    g = Generator.load(config)
+    assert g.fast_path is not None and "fused qkv" not in g.fast_path.applied
+    assert any("fused QKV projections are off" in w for w in g.fast_path.warnings)

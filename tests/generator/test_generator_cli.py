@@ -73,3 +73,21 @@ def test_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert capsys.readouterr().out.split() == [str(target), str(tmp_path / "x4.pth")]
     (tmp_path / "file").write_text("x")
     assert tiny_model_main([str(tmp_path / "file")]) == 2
+
+
+def test_generate_with_loras_schedule_and_clip_skip(
+    tiny_model_dir: Path, extras_dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    loras, embeddings = extras_dirs
+    argv = ["a pony <lora:detail:0.5> AND x", "--model", str(tiny_model_dir), "--device", "cpu"]
+    argv += ["--width", "64", "--height", "64", "--steps", "2", "--seed", "1", "--sampler", "DPM++ 2M SDE"]
+    argv += ["--schedule", "karras", "--clip-skip", "2", "--lora-dir", str(loras)]
+    argv += ["--embeddings-dir", str(embeddings), "--negative", "easyneg", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "ignored: AND" in captured.err
+    meta = parse_parameters(read_parameters(captured.out.split()[0]) or "")
+    assert (meta["sampler"], meta["schedule"], meta["clip_skip"]) == ("DPM++ 2M SDE", "karras", 2)
+    assert meta["extra"]["Lora hashes"].startswith("detail: ") and "TI hashes" in meta["extra"]
+    assert main(["<lora:nope>", "--lora-dir", str(loras), "--width", "64", "--height", "64"]) == 2
+    assert 'Unknown LoRA "nope". Available: detail, kohya_style.' in capsys.readouterr().err

@@ -105,11 +105,13 @@ def test_hires_fix_fallback(generator: Generator, source: Image.Image, tmp_path:
 
 def test_hires_fix_with_foreign_metadata(generator: Generator, source: Image.Image) -> None:
     foreign = (
-        "a pony\nSteps: 150, Sampler: DPM++ SDE Karras, CFG scale: 40, Seed: 5, Size: 64x128, Model: other"
+        "a pony\nSteps: 150, Sampler: DPM2 a, Schedule type: Karras, CFG scale: 40, Seed: 5, Size: 64x128, "
+        "Model: other, Clip skip: 40"
     )
     image = source.copy()
     image.info["parameters"] = foreign
     result = generator.upscale(image, progress=None)
     parsed = parse_parameters(result.images[0].parameters)
     assert (parsed["sampler"], parsed["seed"]) == ("DDIM", 5)
+    assert parsed["schedule"] is None and parsed["clip_skip"] == 12  # DDIM has no Karras schedule
     assert parsed["steps"] == generator.config.max_steps and parsed["cfg"] == 30.0
