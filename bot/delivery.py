@@ -22,6 +22,7 @@ import discord
 
 from bot import messages
 from bot.buttons import result_view, status_view
+from bot.db import retrying
 from bot.logging_setup import log_job_event
 from bot.queue import Job, JobKind, JobQueue, JobStatus
 from bot.upload import fit_images
@@ -223,7 +224,8 @@ class Delivery:
         else:
             await self._give_up(job, "The images were too large for this channel even after shrinking them.")
             return
-        if await self.queue.mark_done(job.id, message.id):
+        # retried: a result posted but not recorded would otherwise be delivered (or failed) again
+        if await retrying(lambda: self.queue.mark_done(job.id, message.id), f"recording job #{job.id} done"):
             log_job_event(
                 log,
                 job.id,
@@ -298,7 +300,8 @@ class Delivery:
             log.info("notice not posted in the channel: %s", exc, extra={"job_id": job.id})
             if not await self._direct_message(job):
                 return False
-        await self.queue.mark_notified(job.id)
+        # retried: a notice shown but not recorded would be shown again by the sweep
+        await retrying(lambda: self.queue.mark_notified(job.id), f"recording job #{job.id}'s notice")
         return True
 
     async def _direct_message(self, job: Job) -> bool:
@@ -306,7 +309,9 @@ class Delivery:
         what = "was cancelled" if job.status is JobStatus.CANCELLED else f"failed: {job.error}"
         try:
             user = self.client.get_user(job.user_id) or await self.client.fetch_user(job.user_id)
-            await user.send(f"Your ponybot job #{job.id} in <#{job.channel_id}> {what}")
+            await user.send(
+                f"Your ponybot job #{job.id} in <#{job.channel_id}> {what}", nonce=post_nonce(job.id, "d")
+            )
         except discord.HTTPException as exc:
             if not is_permanent(exc):
                 return False

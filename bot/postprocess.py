@@ -164,8 +164,10 @@ class PostProcess:
 
     async def cancelled(self, job: Job) -> None:
         """Record a running job whose cancel was requested as cancelled and show the notice."""
-        await self._write(lambda: self.queue.finish_cancelled(job.id), f"cancelling job #{job.id}")
-        self._held.discard(job.id)
+        try:
+            await self._write(lambda: self.queue.finish_cancelled(job.id), f"cancelling job #{job.id}")
+        finally:  # if that failed, the lease runs out and `requeue_expired` cancels the job
+            self._held.discard(job.id)
         log_job_event(log, job.id, job.user_id, "cancelled")
         await self.report(job.id)
 
