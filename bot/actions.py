@@ -19,6 +19,7 @@ from bot.permissions import missing_permissions
 from bot.queue import Job, JobKind, JobStatus, QueueFull
 from bot.text import clean_prompt
 from generator.errors import InvalidParams
+from generator.extra_files import available_loras
 from generator.params import GenerationParams, aspect_size, random_seed, validate
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ class JobActions:
         count: int | None = None,
         aspect: str | None = None,
         sampler: str | None = None,
+        schedule: str | None = None,
+        clip_skip: int | None = None,
+        lora: str | None = None,
         policy: Policy | None = None,
     ) -> GenerationParams:
         """Fill defaults from settings (or the guild's `policy`), clean the text and validate;
@@ -62,8 +66,11 @@ class JobActions:
         default_count = policy.default_count if policy else s.default_count
         max_steps = policy.max_steps if policy else s.max_steps
         width, height = aspect_size(aspect or "square", s.base_resolution)
+        prompt = clean_prompt(prompt)
+        if lora:  # the autocompleted option is the same as writing the tag at weight 1
+            prompt = f"{prompt} <lora:{lora}:1>"
         params = GenerationParams(
-            prompt=clean_prompt(prompt),
+            prompt=prompt,
             negative=clean_prompt(negative or ""),
             seed=random_seed() if seed is None else seed,
             steps=default_steps if steps is None else steps,
@@ -72,8 +79,12 @@ class JobActions:
             height=height,
             count=default_count if count is None else count,
             sampler=sampler or s.default_sampler,
+            schedule=schedule or "automatic",
+            clip_skip=s.clip_skip if clip_skip is None else clip_skip,
         )
-        return validate(params, max_pixels=s.max_pixels, max_steps=max_steps)
+        return validate(
+            params, max_pixels=s.max_pixels, max_steps=max_steps, loras=available_loras(s.lora_dir)
+        )
 
     async def pony(self, interaction: discord.Interaction, **options: object) -> None:
         """/pony: defer, check member and channel, validate, enqueue, announce."""

@@ -8,8 +8,17 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
-from generator.params import ASPECTS, MAX_COUNT, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MIN_GUIDANCE
-from generator.samplers import SAMPLER_NAMES
+from generator.extra_files import available_loras
+from generator.params import (
+    ASPECTS,
+    MAX_CLIP_SKIP,
+    MAX_COUNT,
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MIN_GUIDANCE,
+)
+from generator.samplers import SAMPLER_NAMES, SCHEDULES
 
 
 def pony_command(settings: Settings) -> app_commands.Command:
@@ -26,10 +35,14 @@ def pony_command(settings: Settings) -> app_commands.Command:
         count=f"Number of images (1-{MAX_COUNT}, default {settings.default_count})",
         aspect="Picture shape",
         sampler=f"Sampler (default {settings.default_sampler})",
+        schedule="Noise schedule, as A1111's Schedule type (default Automatic)",
+        clip_skip=f"A1111's Clip skip: 2 = penultimate CLIP layer (default {settings.clip_skip})",
+        lora="A LoRA from the server's folder, added at weight 1 (or write <lora:name:0.8>)",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=f"{k} ({w}x{h})", value=k) for k, (w, h) in ASPECTS.items()],
         sampler=[app_commands.Choice(name=n, value=n) for n in SAMPLER_NAMES],
+        schedule=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULES.items()],
     )
     @app_commands.guild_only()
     async def pony(
@@ -42,6 +55,9 @@ def pony_command(settings: Settings) -> app_commands.Command:
         count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
         aspect: str | None = None,
         sampler: str | None = None,
+        schedule: str | None = None,
+        clip_skip: app_commands.Range[int, 1, MAX_CLIP_SKIP] | None = None,
+        lora: app_commands.Range[str, 1, 100] | None = None,
     ) -> None:
         await interaction.client.actions.pony(  # type: ignore[attr-defined]
             interaction,
@@ -53,6 +69,16 @@ def pony_command(settings: Settings) -> app_commands.Command:
             count=count,
             aspect=aspect,
             sampler=sampler,
+            schedule=schedule,
+            clip_skip=clip_skip,
+            lora=lora,
         )
+
+    @pony.autocomplete("lora")
+    async def lora_names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """The LoRA files whose name contains what the member typed (Discord shows at most 25)."""
+        typed = current.casefold()
+        names = [n for n in available_loras(settings.lora_dir) if typed in n.casefold()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
     return pony

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", validation_alias=_env("PONY_DEVICE"))
     cpu_threads: int = Field(0, ge=0, le=1024, validation_alias=_env("PONY_CPU_THREADS"))
     upscaler: Path | None = Field(None, validation_alias=_env("PONY_UPSCALER"))
+    #: A1111's "Clip skip" for /pony when the member gives none (1 = off, 2 = penultimate CLIP layer)
+    clip_skip: int = Field(1, ge=1, le=12, validation_alias=_env("PONY_CLIP_SKIP"))
+    #: folder of LoRA .safetensors files that `<lora:name:weight>` tags pick by file name
+    lora_dir: Path | None = Field(None, validation_alias=_env("PONY_LORA_DIR"))
+    #: folder of textual-inversion embeddings; a file's name used as a word brings its vectors
+    embeddings_dir: Path | None = Field(None, validation_alias=_env("PONY_EMBEDDINGS_DIR"))
     compile: bool = Field(True, validation_alias=_env("PONY_COMPILE"))
     compile_mode: Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"] = Field(
         "reduce-overhead", validation_alias=_env("PONY_COMPILE_MODE")
@@ -192,6 +198,8 @@ class Settings(BaseSettings):
             variant=self.model_variant,
             device=self.device,
             upscaler=self.upscaler,
+            lora_dir=self.lora_dir,
+            embeddings_dir=self.embeddings_dir,
             compile=self.compile,
             max_pixels=self.max_pixels,
             max_steps=self.max_steps,

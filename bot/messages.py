@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import discord
 
 from bot.queue import Job, JobKind, JobStatus
 from bot.text import escape_for_discord
+from generator.errors import InvalidParams
 from generator.params import GenerationParams
+from generator.prompt_syntax import parse_prompt, prompt_notes
+from generator.samplers import SCHEDULES
 
 PROMPT_ECHO_LIMIT = 1000
 NEGATIVE_ECHO_LIMIT = 300
@@ -79,13 +84,36 @@ def result_embed(job: Job, image_size: tuple[int, int] | None = None) -> discord
     seeds = ", ".join(str(s) for s in job.seeds) or str(params.seed)
     embed.add_field(name="Seed" + ("s" if len(job.seeds) > 1 else ""), value=seeds)
     embed.add_field(name="Steps", value=str(params.steps))
-    embed.add_field(name="Sampler", value=params.sampler)
+    schedule = SCHEDULES.get(params.schedule, params.schedule)
+    sampler = params.sampler if params.schedule == "automatic" else f"{params.sampler} ({schedule})"
+    embed.add_field(name="Sampler", value=sampler)
     embed.add_field(name="Guidance", value=f"{params.guidance:g}")
+    if params.clip_skip > 1:
+        embed.add_field(name="Clip skip", value=str(params.clip_skip))
+    syntax = _prompt_syntax(params)
+    if syntax.loras:
+        loras = ", ".join(f"{name} {weight:g}" for name, weight in syntax.loras)
+        embed.add_field(name="LoRA", value=escape_for_discord(loras, 500))
+    if syntax.notes:
+        embed.add_field(name="Note", value=escape_for_discord("; ".join(syntax.notes), 500), inline=False)
     size = image_size or (params.width, params.height)
     embed.add_field(name="Size", value=f"{size[0]}x{size[1]}")
     embed.add_field(name="Time", value=format_duration(job.gen_seconds) if job.gen_seconds else "-")
     embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
     return embed
+
+
+class _Syntax(NamedTuple):
+    loras: tuple[tuple[str, float], ...]
+    notes: list[str]
+
+
+def _prompt_syntax(params: GenerationParams) -> _Syntax:
+    """The LoRAs a request used and what the generator ignored in its prompts ("ignored: AND")."""
+    try:
+        return _Syntax(parse_prompt(params.prompt).loras, prompt_notes(params.prompt, params.negative))
+    except InvalidParams:  # validated before queueing; an old row must still show its result
+        return _Syntax((), [])
 
 
 def failure_embed(job: Job) -> discord.Embed:

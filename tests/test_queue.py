@@ -841,3 +841,18 @@ async def test_mark_done_settles_the_notice(q: JobQueue) -> None:
     assert await q.mark_done(job.id, 99)
     stored = await q.get(job.id)
     assert stored is not None and stored.notified_at is not None
+
+
+async def test_jobs_with_different_lora_sets_do_not_share_a_batch(q: JobQueue) -> None:
+    from generator.params import GenerationParams
+
+    def with_prompt(prompt: str) -> dict[str, Any]:
+        return GenerationParams(prompt=prompt, width=512, height=512).to_dict()
+
+    a = await add(q, user=1, params=with_prompt("a <lora:add_detail:0.8>"))
+    b = await add(q, user=2, params=with_prompt("b <lora:add_detail:0.5>"))
+    c = await add(q, user=3, params=with_prompt("c, <lora:add_detail:0.8>"))
+    plain = await add(q, user=4, params=with_prompt("d"))
+    assert [j.id for j in await q.claim_batch("w", 4)] == [a.id, c.id]
+    assert [j.id for j in await q.claim_batch("w", 4)] == [b.id]
+    assert [j.id for j in await q.claim_batch("w", 4)] == [plain.id]

@@ -79,7 +79,8 @@ content_type]) for attachments; checks required options, choices, min/max, ``def
 and nsfw like the Discord client would, raising ValueError; ``validate=False`` skips those checks, as a
 modified client would); ``await click(message_id, custom_id, *, user=None, values=None,
 validate=True)`` (``validate=False``: a forged press, any custom_id on any known message, even a
-deleted one); ``await submit_modal(interaction, values, *, user=None)``;
+deleted one); ``await submit_modal(interaction, values, *, user=None)``; ``await autocomplete(name, focused, typed,
+options=None, *, user=None)`` -> the choices the bot answered (type 4 interaction, callback type 8);
 ``await user_message(content, *, user=None, channel_id=None, files=None, reference=None)``
 (``files``: [(filename, bytes)]). They raise RuntimeError before a bot has identified.
 ``FakeInteraction``: ``id``, ``token``, ``type``, ``channel_id``, ``user_id``, ``payload``,
@@ -2480,6 +2481,41 @@ class FakeDiscord:
         if command is not None and command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
         return await self._send_interaction(2, data, member, channel)
+
+    async def autocomplete(
+        self,
+        name: str,
+        focused: str,
+        typed: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user: FakeUser | int | str | None = None,
+        channel_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """A member types ``typed`` into option ``focused`` of ``/name`` (INTERACTION_CREATE type 4,
+        APPLICATION_COMMAND_AUTOCOMPLETE); returns the choices the bot answered (callback type 8).
+
+        Discord sends the options filled so far, unvalidated, with the focused one as a string.
+        """
+        member = self._user(user)
+        channel = self._interaction_channel(channel_id)
+        command = self.find_command(name)
+        if command is None:
+            raise ValueError(f"no command /{name} synced")
+        spec = next((o for o in command.get("options") or [] if o["name"] == focused), None)
+        if spec is None or not spec.get("autocomplete"):
+            raise ValueError(f"/{name} option {focused!r} has no autocomplete")
+        built = [
+            {"type": self._infer_option_type(value), "name": key, "value": value}
+            for key, value in (options or {}).items()
+        ]
+        built.append({"type": spec["type"], "name": focused, "value": typed, "focused": True})
+        data = {"id": command["id"], "name": name, "type": 1, "options": built}
+        interaction = await self._send_interaction(4, data, member, channel)
+        response = await interaction.wait_response()
+        if response.type != 8:
+            raise AssertionError(f"autocomplete answered with callback type {response.type}")
+        return list((response.data or {}).get("choices") or [])
 
     @staticmethod
     def _infer_option_type(value: Any) -> int:
