@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.job_extras import hires_of, job_cost, job_extras
 from bot.logging_setup import log_job_event
 from bot.messages import footer_text, format_duration
 from bot.permissions import missing_permissions
@@ -20,6 +21,7 @@ from bot.queue import Job, JobKind, JobStatus, QueueFull
 from bot.text import clean_prompt
 from generator.errors import InvalidParams
 from generator.extra_files import available_loras
+from generator.hires import hires_size
 from generator.params import GenerationParams, aspect_size, random_seed, validate
 
 if TYPE_CHECKING:
@@ -64,7 +66,6 @@ class JobActions:
         s = self.bot.settings
         default_steps = policy.default_steps if policy else s.default_steps
         default_count = policy.default_count if policy else s.default_count
-        max_steps = policy.max_steps if policy else s.max_steps
         width, height = aspect_size(aspect or "square", s.base_resolution)
         prompt = clean_prompt(prompt)
         if lora:  # the autocompleted option is the same as writing the tag at weight 1
@@ -82,18 +83,41 @@ class JobActions:
             schedule=schedule or "automatic",
             clip_skip=s.clip_skip if clip_skip is None else clip_skip,
         )
+        return self.validate_params(params, policy)
+
+    def validate_params(self, params: GenerationParams, policy: Policy | None = None) -> GenerationParams:
+        """`validate` with the bot's limits (the guild's max steps); raises InvalidParams."""
+        s = self.bot.settings
+        max_steps = policy.max_steps if policy else s.max_steps
         return validate(
             params, max_pixels=s.max_pixels, max_steps=max_steps, loras=available_loras(s.lora_dir)
         )
 
     async def pony(self, interaction: discord.Interaction, **options: object) -> None:
-        """/pony: defer, check member and channel, validate, enqueue, announce."""
+        """/pony: defer, check member and channel, validate, enqueue, announce.
+
+        `image`/`strength` (img2img of an upload) and `hires`/`hires_scale` (hires fix) are
+        handled by `bot.member_images.MemberImages.pony_extras`.
+        """
         await interaction.response.defer(ephemeral=True, thinking=True)
+        image = options.pop("image", None)
+        strength = options.pop("strength", None)
+        hires = options.pop("hires", None)
+        hires_scale = options.pop("hires_scale", None)
         guard = self.bot.guard
         try:
             policy = await guard.admit(interaction)
             params = self.build_params(**options, policy=policy)  # type: ignore[arg-type]
             params = await guard.check_request(interaction, params, policy)
+            kind, params, extra, note = await self.bot.images.pony_extras(
+                interaction,
+                params,
+                image=image,  # type: ignore[arg-type]
+                strength=strength,  # type: ignore[arg-type]
+                hires=hires,  # type: ignore[arg-type]
+                hires_scale=hires_scale,  # type: ignore[arg-type]
+                aspect=options.get("aspect"),  # type: ignore[arg-type]
+            )
         except (InvalidParams, Refusal) as exc:
             await self._tell(interaction, str(exc))
             return
@@ -101,7 +125,9 @@ class JobActions:
             log.error("guard check failed: %s", exc)
             await self._tell(interaction, BUSY)
             return
-        await self._submit(interaction, kind=JobKind.TXT2IMG, params=params, policy=policy)
+        job = await self._submit(interaction, kind=kind, params=params, policy=policy, extra=extra, note=note)
+        if job is None and extra.get("source"):  # refused: the saved upload is nobody's
+            self.bot.images.forget_source(str(extra["source"]))
 
     # --- buttons ------------------------------------------------------------------------------
 
@@ -177,6 +203,7 @@ class JobActions:
             raise Refusal("An upscale can't be rerolled.")
         params = GenerationParams.from_dict(job.params).with_seed(random_seed())
         params = await self.bot.guard.check_request(interaction, params)
+        extra = job_extras(job)  # an upload's source and strength, the hires fix
         if job.kind == JobKind.VARIATION:
             await self._submit(
                 interaction,
@@ -185,6 +212,7 @@ class JobActions:
                 parent_id=job.parent_id,
                 image_index=job.image_index,
                 reply_to=interaction.message,
+                extra=extra,
             )
         else:
             await self._submit(
@@ -193,6 +221,7 @@ class JobActions:
                 params=params,
                 parent_id=job.id,
                 reply_to=interaction.message,
+                extra=extra,
             )
 
     async def _from_image(self, interaction: discord.Interaction, job: Job, action: str, number: int) -> None:
@@ -206,6 +235,10 @@ class JobActions:
             kind, params = JobKind.UPSCALE, base.single(number - 1)
         else:
             kind, params = JobKind.VARIATION, replace(base.with_seed(random_seed()), count=base.count)
+            hires = hires_of(job.params)
+            if hires:  # vary the hires picture at its own size (in the multiples of 64 offered)
+                width, height = hires_size(base.width, base.height, float(hires["scale"]))
+                params = replace(params, width=max(64, width // 64 * 64), height=max(64, height // 64 * 64))
         await self._submit(
             interaction,
             kind=kind,
@@ -227,20 +260,25 @@ class JobActions:
         image_index: int | None = None,
         reply_to: discord.Message | None = None,
         policy: Policy | None = None,
-    ) -> None:
+        extra: dict[str, Any] | None = None,
+        note: str | None = None,
+    ) -> Job | None:
+        """Enqueue and announce; returns the job (None when refused). `extra`: params keys beyond
+        GenerationParams (bot.member_images: source, strength, hires); `note` leads the answer."""
+        extra = extra or {}
         missing = missing_permissions(interaction.app_permissions)
         if missing:
             await self._tell(
                 interaction, f"I can't post results here: I'm missing {', '.join(missing)} in this channel."
             )
-            return
+            return None
         queue = self.bot.queue
         try:
             if policy is None:
                 policy = await self.bot.guard.policy(interaction.guild_id)
             job, created = await queue.enqueue(
                 kind=kind,
-                params=params.to_dict(),
+                params={**params.to_dict(), **extra},
                 channel_id=interaction.channel_id,
                 user_id=interaction.user.id,
                 guild_id=interaction.guild_id or 0,
@@ -248,16 +286,16 @@ class JobActions:
                 parent_id=parent_id,
                 image_index=image_index,
                 reply_to_message_id=reply_to.id if reply_to is not None else None,
-                cost=params.steps * params.count,
+                cost=job_cost(params, extra),
                 limits=policy.limits,
             )
         except QueueFull as exc:
             await self._tell(interaction, await self._queue_full_text(exc, interaction.user.id))
-            return
+            return None
         except sqlite3.OperationalError as exc:
             log.error("enqueue failed: %s", exc)
             await self._tell(interaction, BUSY)
-            return
+            return None
         position = await queue.position(job.id)
         eta = await queue.eta_seconds(job.id)
         if created:
@@ -271,9 +309,11 @@ class JobActions:
         unavailable = self.bot.engine_notice()
         await self._tell(
             interaction,
-            f"Queued as job #{job.id}: {where}, about {format_duration(eta)}."
+            (f"{note}\n" if note else "")
+            + f"Queued as job #{job.id}: {where}, about {format_duration(eta)}."
             + (f"\n{unavailable}" if unavailable else ""),
         )
+        return job
 
     async def _queue_full_text(self, exc: QueueFull, user_id: int) -> str:
         """The refusal with when to try again."""

@@ -20,6 +20,7 @@ from bot.config import Settings
 from bot.delivery import Delivery
 from bot.engine import Engine, EngineState
 from bot.guard import Guard
+from bot.member_images import EDIT_PREFIX, MemberImages
 from bot.ops import Ops
 from bot.output_filter import OutputFilter
 from bot.queue import JobQueue, QueueLimits
@@ -47,6 +48,7 @@ class PonyBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         self.actions = JobActions(self)
+        self.images = MemberImages(self)  # /pony image:, Edit, Re-create with ponybot (issue #14)
         self.guard = Guard(settings, queue)
         self.delivery = Delivery(self, queue, settings.images_dir)
         self.ops = Ops(self)  # metrics, health, periodic refresh and retention
@@ -96,10 +98,14 @@ class PonyBot(discord.Client):
         self.ops.gateway(False)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Answer forged or stale ponybot buttons that no DynamicItem matched."""
+        """Answer forged or stale ponybot buttons that no DynamicItem matched; handle Edit forms
+        (stateless: the job id is in the modal's custom_id, see `bot.member_images.edit_modal`)."""
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if interaction.type is discord.InteractionType.modal_submit and custom_id.startswith(EDIT_PREFIX):
+            await self.images.submit_edit(interaction)
+            return
         if interaction.type is not discord.InteractionType.component:
             return
-        custom_id = str((interaction.data or {}).get("custom_id", ""))
         if custom_id.startswith(CUSTOM_ID_PREFIX) and (
             parse_custom_id(custom_id) is None or not on_message(interaction.message, custom_id)
         ):

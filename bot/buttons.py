@@ -12,12 +12,13 @@ from typing import Any
 
 import discord
 
-ACTIONS = ("reroll", "up", "var", "del", "cancel")
+ACTIONS = ("reroll", "edit", "up", "var", "del", "cancel")
 CUSTOM_ID_PREFIX = "pony:"
-TEMPLATE = r"pony:(?P<action>reroll|up|var|del|cancel):(?P<job>[0-9]{1,18})(?::(?P<index>[1-9]))?"
+TEMPLATE = r"pony:(?P<action>reroll|edit|up|var|del|cancel):(?P<job>[0-9]{1,18})(?::(?P<index>[1-9]))?"
 
 _STYLES = {
     "reroll": discord.ButtonStyle.primary,
+    "edit": discord.ButtonStyle.secondary,
     "up": discord.ButtonStyle.secondary,
     "var": discord.ButtonStyle.secondary,
     "del": discord.ButtonStyle.danger,
@@ -26,10 +27,12 @@ _STYLES = {
 
 
 def button_label(action: str, index: int | None) -> str:
-    """What the user sees on the button: Reroll, U1, V2, Delete, Cancel."""
+    """What the user sees on the button: Reroll, Edit, U1, V2, Delete, Cancel."""
     match action:
         case "reroll":
             return "Reroll"
+        case "edit":
+            return "Edit"
         case "up":
             return f"U{index}"
         case "var":
@@ -69,7 +72,7 @@ def on_message(message: discord.Message | None, custom_id: str) -> bool:
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
-    """Reroll, U<n>, V<n>, Delete and Cancel on a job's message."""
+    """Reroll, Edit, U<n>, V<n>, Delete and Cancel on a job's message."""
 
     def __init__(self, action: str, job_id: int, index: int | None = None, *, row: int | None = None):
         super().__init__(
@@ -92,16 +95,23 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
         return cls(match["action"], int(match["job"]), int(index) if index else None)
 
     async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+        if self.action == "edit":  # answered with a modal, which can't follow a defer
+            await interaction.client.images.open_edit(interaction, self.job_id)  # type: ignore[attr-defined]
+            return
         await interaction.client.actions.on_button(  # type: ignore[attr-defined]
             interaction, self.action, self.job_id, self.index
         )
 
 
 def result_view(job_id: int, image_count: int, *, can_vary: bool = True) -> discord.ui.View:
-    """Buttons under a result: [Reroll, Delete], [U1..Un], [V1..Vn] (upscales get Delete only)."""
+    """Buttons under a result: [Reroll, Edit, Delete], [U1..Un], [V1..Vn] (upscales get Delete only).
+
+    At most 3 rows of 4 buttons (count <= 4), within Discord's 5 x 5.
+    """
     view = discord.ui.View(timeout=None)
     if can_vary:
         view.add_item(JobButton("reroll", job_id, row=0))
+        view.add_item(JobButton("edit", job_id, row=0))
     view.add_item(JobButton("del", job_id, row=0))
     if can_vary:
         for n in range(1, image_count + 1):

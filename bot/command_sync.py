@@ -25,6 +25,7 @@ from bot.commands import pony_command
 from bot.config import Settings
 from bot.info_commands import info_commands
 from bot.member_commands import member_commands
+from bot.member_images import recreate_command
 
 __all__ = [
     "CommandSyncRefused",
@@ -55,6 +56,7 @@ def add_commands(tree: app_commands.CommandTree, settings: Settings) -> discord.
     """Add every ponybot command to `tree`; returns the guild to sync to (DISCORD_GUILD_ID), if any,
     after copying the global commands to it."""
     tree.add_command(pony_command(settings))
+    tree.add_command(recreate_command())  # message command: Re-create with ponybot
     tree.add_command(admin_group(settings))
     for command in [*member_commands(settings), *info_commands(settings)]:
         tree.add_command(command)

@@ -8,7 +8,9 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
+from bot.member_images import MIN_STRENGTH
 from generator.extra_files import available_loras
+from generator.hires import DEFAULT_HIRES_SCALE, MAX_HIRES_SCALE, MIN_HIRES_SCALE
 from generator.params import (
     ASPECTS,
     MAX_CLIP_SKIP,
@@ -38,6 +40,10 @@ def pony_command(settings: Settings) -> app_commands.Command:
         schedule="Noise schedule, as A1111's Schedule type (default Automatic)",
         clip_skip=f"A1111's Clip skip: 2 = penultimate CLIP layer (default {settings.clip_skip})",
         lora="A LoRA from the server's folder, added at weight 1 (or write <lora:name:0.8>)",
+        image="Your own picture (PNG, JPEG or WebP) to redraw with the prompt",
+        strength=f"With image: how much to redraw, 0.05-1 (default {settings.variation_strength:g})",
+        hires="Hires fix: draw, upscale and refine for a larger, sharper picture",
+        hires_scale=f"Hires fix upscale, {MIN_HIRES_SCALE:g}-{MAX_HIRES_SCALE:g} (default {DEFAULT_HIRES_SCALE:g})",
     )
     @app_commands.choices(
         aspect=[app_commands.Choice(name=f"{k} ({w}x{h})", value=k) for k, (w, h) in ASPECTS.items()],
@@ -58,6 +64,10 @@ def pony_command(settings: Settings) -> app_commands.Command:
         schedule: str | None = None,
         clip_skip: app_commands.Range[int, 1, MAX_CLIP_SKIP] | None = None,
         lora: app_commands.Range[str, 1, 100] | None = None,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, MIN_STRENGTH, 1.0] | None = None,
+        hires: bool | None = None,
+        hires_scale: app_commands.Range[float, MIN_HIRES_SCALE, MAX_HIRES_SCALE] | None = None,
     ) -> None:
         await interaction.client.actions.pony(  # type: ignore[attr-defined]
             interaction,
@@ -72,6 +82,10 @@ def pony_command(settings: Settings) -> app_commands.Command:
             schedule=schedule,
             clip_skip=clip_skip,
             lora=lora,
+            image=image,
+            strength=strength,
+            hires=hires,
+            hires_scale=hires_scale,
         )
 
     @pony.autocomplete("lora")

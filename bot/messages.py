@@ -90,6 +90,13 @@ def result_embed(job: Job, image_size: tuple[int, int] | None = None) -> discord
     embed.add_field(name="Guidance", value=f"{params.guidance:g}")
     if params.clip_skip > 1:
         embed.add_field(name="Clip skip", value=str(params.clip_skip))
+    hires = job.params.get("hires")
+    if isinstance(hires, dict) and hires.get("scale"):
+        embed.add_field(
+            name="Hires fix", value=f"{float(hires['scale']):g}x, strength {float(hires['strength']):g}"
+        )
+    if job.params.get("source") and job.params.get("strength") is not None:
+        embed.add_field(name="Source", value=f"uploaded image, strength {float(job.params['strength']):g}")
     syntax = _prompt_syntax(params)
     if syntax.loras:
         loras = ", ".join(f"{name} {weight:g}" for name, weight in syntax.loras)

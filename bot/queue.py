@@ -246,6 +246,8 @@ LIMIT 1
 _NEXT_GUILD = "(SELECT guild_id FROM queue_guilds WHERE queued > 0 ORDER BY last_served_at, guild_id LIMIT 1)"
 _BATCH_FILTER = (
     "\n      AND j.kind = 'txt2img' AND j.solo = 0"
+    # hires-fix jobs (issue #14, params.hires) run alone: their second pass is per image
+    "\n      AND json_extract(j.params, '$.hires') IS NULL"
     + "".join(f"\n      AND json_extract(j.params, '$.{name}') IS :{name}" for name in BATCH_KEY_FIELDS)
     # the images still free in the batch (`claim_batch`'s max_images)
     + "\n      AND coalesce(json_extract(j.params, '$.count'), 1) <= :room"
@@ -592,7 +594,8 @@ class JobQueue:
         and a smaller compatible job of the next user in fair order may fill the room instead.
         A first job that is not txt2img is returned alone. Compatibility is read from the params
         JSON (`json_extract`), so the last, fruitless search reads the queued jobs of users who
-        have no compatible job. A `solo` job (from a batch that failed) is never batched.
+        have no compatible job. A `solo` job (from a batch that failed) and a hires-fix job
+        (`params["hires"]`) are never batched.
 
         `reserve`: hold the jobs without starting them (a batch claimed ahead of time): their
         attempt counts only when `begin` is called, so a crash of the job running meanwhile does
@@ -607,7 +610,7 @@ class JobQueue:
             if first is None:  # pragma: no cover - we hold the write lock
                 return []
             jobs = [first]
-            if first.kind is not JobKind.TXT2IMG or first.solo:
+            if first.kind is not JobKind.TXT2IMG or first.solo or first.params.get("hires"):
                 return jobs
             key = dict(zip(BATCH_KEY_FIELDS, first.batch_key, strict=True))
             room = 2**31 if max_images is None else max_images - _images(first)

@@ -6,6 +6,10 @@ Only jobs in a terminal state (done/failed/cancelled/dead) are touched, never op
 `pruned_at` (migration 0002); U/V buttons on a pruned result re-create the image from its
 parameters and seed (bot/worker.py `_source_image`). `bot.ops.Ops` runs `prune` periodically.
 
+Members' uploads (`uploads/<interaction id>.png`, named by a job's `params.source`, see
+bot/member_images.py) are deleted by age: once no open job and no job finished within `max_age_s`
+names them (and the file is over an hour old, so an upload whose job is being queued stays).
+
 `prune` writes in its own `BEGIN IMMEDIATE` ... `COMMIT`, so give it a connection that no other
 task is using for a transaction at the same time: best a dedicated one (`bot.db.connect`), not the
 job queue's.
@@ -195,6 +199,47 @@ async def _mark_pruned(conn: aiosqlite.Connection, job_ids: list[int], now: floa
         raise
 
 
+UPLOADS_DIR = "uploads"
+UPLOAD_GRACE_S = 3600.0  #: an upload younger than this may belong to a job being queued right now
+
+
+async def _prune_uploads(conn: aiosqlite.Connection, root: Path, cutoff: float, now: float) -> _Deleted:
+    """Delete uploads that no open or recent job names (see the module docstring)."""
+    folder = root / UPLOADS_DIR
+    if not folder.is_dir():
+        return _Deleted(0, 0, True)
+    sql = (
+        "SELECT DISTINCT json_extract(params, '$.source') FROM jobs"
+        " WHERE json_extract(params, '$.source') IS NOT NULL"
+        f" AND (status IN ({_placeholders(OPEN_STATUSES)}) OR coalesce(finished_at, updated_at) > ?)"
+    )
+    keep: set[str] = set()
+    async with conn.execute(sql, (*OPEN_STATUSES, cutoff)) as cur:
+        async for (rel,) in cur:
+            if isinstance(rel, str):
+                keep.add(Path(rel).name)
+
+    def delete() -> _Deleted:
+        count = freed = 0
+        for path in folder.glob("*.png"):
+            try:
+                info = path.lstat()
+                if (
+                    path.name in keep
+                    or not stat.S_ISREG(info.st_mode)
+                    or now - info.st_mtime < UPLOAD_GRACE_S
+                ):
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            count += 1
+            freed += info.st_size
+        return _Deleted(count, freed, True)
+
+    return await asyncio.to_thread(delete)
+
+
 async def prune(
     conn: aiosqlite.Connection, images_dir: Path, *, max_age_s: float, max_bytes: int, now: float
 ) -> PruneReport:
@@ -235,9 +280,13 @@ async def prune(
         total -= result.bytes
     await _mark_pruned(conn, by_size, now)
 
+    uploads = await _prune_uploads(conn, root, cutoff, now)
+    report.files_deleted += uploads.files
+    report.bytes_freed += uploads.bytes
+    report.total_bytes = total - uploads.bytes
     report.jobs_pruned = by_age + by_size
     report.jobs_by_age, report.jobs_by_size = len(by_age), len(by_size)
-    report.total_bytes = max(total, 0)
+    report.total_bytes = max(report.total_bytes, 0)
     if report.jobs_pruned:
         log.info(
             "retention: pruned %d jobs (%d by age, %d by size), %d files, %d bytes; %d bytes kept",

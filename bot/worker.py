@@ -27,7 +27,9 @@ from typing import Any
 
 from bot.db import retrying
 from bot.engine import Engine, EngineState
+from bot.job_extras import hires_of
 from bot.logging_setup import log_job_event
+from bot.member_images import load_source
 from bot.postprocess import Deliverer, PostProcess, safe
 from bot.queue import Job, JobKind, JobQueue
 from generator.errors import Cancelled, GeneratorError
@@ -447,13 +449,26 @@ class Worker:
                 "txt2img_batch", [GenerationParams.from_dict(j.params) for j in jobs], **kwargs
             )
         elif first.kind == JobKind.TXT2IMG:
-            call = self.engine.call("txt2img", params, want_preview=True, **kwargs)
+            call = self._txt2img_call(first, params, want_preview=True, **kwargs)
         else:
             source = await self._source_image(first)
-            method = "upscale" if first.kind == JobKind.UPSCALE else "variation"
-            call = self.engine.call(method, source, params, **kwargs)
+            if first.kind == JobKind.UPSCALE:
+                call = self.engine.call("upscale", source, params, **kwargs)
+            else:  # an upload's own strength (bot.member_images), else the configured one
+                call = self.engine.call(
+                    "variation", source, params, strength=first.params.get("strength"), **kwargs
+                )
         result = await self._watched(runs, call)
         return result if isinstance(result, list) else [result]
+
+    def _txt2img_call(self, job: Job, params: GenerationParams, **kwargs: Any) -> Awaitable[Any]:
+        """txt2img, or the hires fix when the job asks for it (`params["hires"]`, never batched)."""
+        hires = hires_of(job.params)
+        if hires is None:
+            return self.engine.call("txt2img", params, **kwargs)
+        return self.engine.call(
+            "txt2img_hires", params, scale=float(hires["scale"]), strength=hires.get("strength"), **kwargs
+        )
 
     async def _watched(self, runs: list[_Running], call: Awaitable[Any]) -> Any:
         """Await a generator call under the watchdog: past `job_timeout_s` it is asked to stop
@@ -476,7 +491,10 @@ class Worker:
         return task.result()
 
     async def _source_image(self, job: Job) -> Any:
-        """The parent's image for upscale/variation (see `_image_of`)."""
+        """The parent's image for upscale/variation (see `_image_of`), or the member's upload
+        (`params["source"]`, screened by the image filter)."""
+        if job.parent_id is None and job.params.get("source"):
+            return await load_source(self.images_dir, job, self.post.screen, self._io)
         parent = await self.queue.get(job.parent_id) if job.parent_id else None
         if parent is None:
             raise GeneratorError("The original image no longer exists.")
@@ -504,16 +522,22 @@ class Worker:
         params = GenerationParams.from_dict(job.params)
         kwargs = {"should_cancel": lambda: all(r.cancel.is_set() for r in runs)}
         if job.kind == JobKind.TXT2IMG:
-            call = self.engine.call("txt2img", params.single(index), **kwargs)
+            call = self._txt2img_call(job, params.single(index), **kwargs)
         else:
-            parent = await self.queue.get(job.parent_id) if job.parent_id else None
-            if parent is None:
-                raise GeneratorError("The original image no longer exists.")
-            source = await self._image_of(parent, job.image_index or 0, runs)
+            if job.parent_id is None and job.params.get("source"):  # a member's upload
+                source = await load_source(self.images_dir, job, self.post.screen, self._io)
+            else:
+                parent = await self.queue.get(job.parent_id) if job.parent_id else None
+                if parent is None:
+                    raise GeneratorError("The original image no longer exists.")
+                source = await self._image_of(parent, job.image_index or 0, runs)
             if job.kind == JobKind.UPSCALE:
                 call = self.engine.call("upscale", source, params, **kwargs)
             else:
-                call = self.engine.call("variation", source, params.single(index), **kwargs)
+                strength = job.params.get("strength")
+                call = self.engine.call(
+                    "variation", source, params.single(index), strength=strength, **kwargs
+                )
         result = await self._watched(runs, call)
         if self.post.screen is not None:
             await self.post.screen(job, result)

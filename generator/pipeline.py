@@ -620,3 +620,65 @@ class Generator:
                 }
         result = ImageResult(out, params.seed, self._parameters(params, params.seed, extra))
         return GenerationResult([result], time.perf_counter() - start, out.width, out.height)
+
+    # -- hires fix (issue #14) -------------------------------------------------------------------
+
+    def txt2img_hires(
+        self,
+        params: GenerationParams,
+        *,
+        scale: float = 2.0,
+        strength: float | None = None,
+        progress: ProgressFn | None = None,
+        want_preview: bool = False,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """A1111's hires fix: `params.count` images drawn at the params' size, each upscaled by
+        `scale` (Lanczos, in pixels) and refined by img2img at `strength` (default
+        `config.hires_strength`) with the same prompt, seed, steps and sampler.
+
+        The images are `generator.hires.hires_size` large (at most `config.max_pixels`); their
+        metadata keeps the base Size and adds Denoising strength, Hires upscale, Hires steps and
+        Hires upscaler, as A1111 writes them. Progress counts both passes as one.
+        """
+        from generator.hires import HIRES_UPSCALER, hires_size
+
+        params = self._check(params)
+        strength = self.config.hires_strength if strength is None else float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise InvalidParams("Hires strength must be above 0 and at most 1.")
+        width, height = hires_size(params.width, params.height, scale)
+        if width * height > self.config.max_pixels:
+            raise InvalidParams(
+                f"The hires size {width}x{height} is too large; at most {self.config.max_pixels} pixels."
+            )
+        start = time.perf_counter()
+        refine_steps = max(params.steps, math.ceil(1 / strength))
+        refine = max(1, min(int(refine_steps * strength), refine_steps))  # img2img steps that run
+        total = params.steps + params.count * refine
+
+        def base_progress(step: int, steps: int, preview: Image.Image | None) -> None:
+            if progress is not None:
+                progress(min(step, params.steps), total, preview)
+
+        base = self._txt2img_many([params], base_progress, want_preview, should_cancel)[0]
+        items = []
+        extra = {
+            "Denoising strength": strength,
+            "Hires upscale": round(scale, 2),
+            "Hires steps": params.steps,
+            "Hires upscaler": HIRES_UPSCALER,
+        }
+        for i, item in enumerate(base.images):
+            done = params.steps + i * refine
+
+            def part(step: int, steps: int, preview: Image.Image | None, done: int = done) -> None:
+                if progress is not None:
+                    progress(done + min(refine, round(step * refine / max(steps, 1))), total, None)
+
+            single = params.single(i)
+            big = item.image.resize((width, height), Image.Resampling.LANCZOS)
+            with self._guard():
+                image = self._img2img_images(single, big, strength, part, False, should_cancel)[0]
+            items.append(ImageResult(image, single.seed, self._parameters(params, single.seed, extra)))
+        return GenerationResult(items, time.perf_counter() - start, width, height, base.notes)

@@ -81,6 +81,8 @@ modified client would); ``await click(message_id, custom_id, *, user=None, value
 validate=True)`` (``validate=False``: a forged press, any custom_id on any known message, even a
 deleted one); ``await submit_modal(interaction, values, *, user=None)``; ``await autocomplete(name, focused, typed,
 options=None, *, user=None)`` -> the choices the bot answered (type 4 interaction, callback type 8);
+``await context_menu(name, message_id, *, user=None)`` (a message command, right-click > Apps: type 2
+with ``data.type`` 3, ``target_id`` and ``resolved.messages``; the command must be synced as type 3);
 ``await user_message(content, *, user=None, channel_id=None, files=None, reference=None)``
 (``files``: [(filename, bytes)]). They raise RuntimeError before a bot has identified.
 ``FakeInteraction``: ``id``, ``token``, ``type``, ``channel_id``, ``user_id``, ``payload``,
@@ -1090,7 +1092,7 @@ class FakeDiscord:
             }
             if interaction.type == 2:
                 metadata["name"] = interaction.payload["data"]["name"]
-                metadata["command_type"] = 1
+                metadata["command_type"] = interaction.payload["data"].get("type", 1)
             if interaction.message_id is not None:
                 metadata["interacted_message_id"] = str(interaction.message_id)
             if interaction.original_message_id is not None and message.id != interaction.original_message_id:
@@ -2516,6 +2518,41 @@ class FakeDiscord:
         if response.type != 8:
             raise AssertionError(f"autocomplete answered with callback type {response.type}")
         return list((response.data or {}).get("choices") or [])
+
+    async def context_menu(
+        self,
+        name: str,
+        message_id: int,
+        *,
+        user: FakeUser | int | str | None = None,
+    ) -> FakeInteraction:
+        """A member uses the message command ``name`` on a message (right-click > Apps):
+        INTERACTION_CREATE type 2 with ``data.type`` 3, ``target_id`` and ``resolved.messages``."""
+        member = self._user(user)
+        message = self.messages.get(int(message_id))
+        if message is None or message.deleted:
+            raise ValueError(f"no message {message_id}")
+        command = next(
+            (
+                c
+                for c in [*self.commands, *self.guild_commands.get(self.guild_id, [])]
+                if c["name"] == name and c.get("type") == 3
+            ),
+            None,
+        )
+        if command is None:
+            raise ValueError(f"no message command {name!r} synced")
+        channel = self._interaction_channel(message.channel_id)
+        data: dict[str, Any] = {
+            "id": command["id"],
+            "name": name,
+            "type": 3,
+            "target_id": str(message.id),
+            "resolved": {"messages": {str(message.id): self._message_payload(message)}},
+        }
+        if command.get("guild_id"):
+            data["guild_id"] = command["guild_id"]
+        return await self._send_interaction(2, data, member, channel)
 
     @staticmethod
     def _infer_option_type(value: Any) -> int:

@@ -73,7 +73,7 @@ async def test_upscale_and_variation_buttons(discord_server: FakeDiscord, start_
     assert variation.reference_id == original.id
     assert len(variation.attachments) == 2
     assert all(Image.open(io.BytesIO(a.data)).size == (64, 64) for a in variation.attachments)
-    assert [label for label, _ in variation.buttons()] == ["Reroll", "Delete", "U1", "U2", "V1", "V2"]
+    assert [label for label, _ in variation.buttons()] == ["Reroll", "Edit", "Delete", "U1", "U2", "V1", "V2"]
 
 
 async def test_delete_by_requester_moderator_and_others(discord_server: FakeDiscord, start_bot) -> None:

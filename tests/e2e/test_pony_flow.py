@@ -56,7 +56,7 @@ async def test_pony_posts_status_progress_and_result(discord_server: FakeDiscord
     assert fields["Requested by"] == f"<@{fake.alice.id}>"
     assert fields["Negative"].startswith("blurry")
     assert "Time" in fields
-    assert [label for label, _ in result.buttons()] == ["Reroll", "Delete", "U1", "U2", "V1", "V2"]
+    assert [label for label, _ in result.buttons()] == ["Reroll", "Edit", "Delete", "U1", "U2", "V1", "V2"]
 
     for index, attachment in enumerate(result.attachments):
         image = Image.open(io.BytesIO(attachment.data))
