@@ -118,12 +118,8 @@ class JobActions:
                 hires_scale=hires_scale,  # type: ignore[arg-type]
                 aspect=options.get("aspect"),  # type: ignore[arg-type]
             )
-        except (InvalidParams, Refusal) as exc:
-            await self._tell(interaction, str(exc))
-            return
-        except sqlite3.OperationalError as exc:
-            log.error("guard check failed: %s", exc)
-            await self._tell(interaction, BUSY)
+        except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
+            await self.tell_refusal(interaction, exc, "guard check")
             return
         job = await self._submit(interaction, kind=kind, params=params, policy=policy, extra=extra, note=note)
         if job is None and extra.get("source"):  # refused: the saved upload is nobody's
@@ -153,11 +149,8 @@ class JobActions:
                     await self._reroll(interaction, job)
                 case "up" | "var":
                     await self._from_image(interaction, job, action, index or 1)
-        except Refusal as exc:
-            await self._tell(interaction, str(exc))
-        except sqlite3.OperationalError as exc:
-            log.error("button %s on job %s failed: %s", action, job_id, exc)
-            await self._tell(interaction, BUSY)
+        except (Refusal, sqlite3.OperationalError) as exc:
+            await self.tell_refusal(interaction, exc, f"button {action} on job {job_id}")
 
     async def cancel_job(self, job: Job) -> str:
         """Cancel a job (no permission check) and tell its channel.
@@ -328,6 +321,15 @@ class JobActions:
             if etas:
                 return f"{exc.reason} Your next one should be done in about {format_duration(min(etas))}."
         return exc.reason
+
+    async def tell_refusal(self, interaction: discord.Interaction, exc: Exception, what: str) -> None:
+        """Answer a refused request privately: its reason, or "busy" when the database was locked
+        (`sqlite3.OperationalError`, logged as "`what` failed"). Nothing was queued."""
+        if isinstance(exc, sqlite3.OperationalError):
+            log.error("%s failed: %s", what, exc)
+            await self._tell(interaction, BUSY)
+        else:
+            await self._tell(interaction, str(exc))
 
     async def _tell(self, interaction: discord.Interaction, text: str) -> None:
         try:

@@ -20,14 +20,11 @@ EXIT_WORKER_FAILED = 4
 
 def _run(_args: argparse.Namespace) -> int:
     from bot.app import run_bot
-    from bot.logging_setup import setup_logging
     from bot.worker import WorkerFailed
 
-    settings = load_settings()
-    if settings.discord_token is None:
-        print("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).", file=sys.stderr)
+    settings = _discord_settings()
+    if settings is None:
         return 2
-    setup_logging(settings.log_level, settings.log_json)
     try:
         asyncio.run(run_bot(settings))
     except KeyboardInterrupt:
@@ -42,12 +39,30 @@ def _run(_args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(EXIT_WORKER_FAILED)  # the hung GPU thread can never be joined: leave without waiting
     except Exception as exc:  # login failure, refused command sync and friends: one line, no traceback
-        line = _discord_failure(exc, settings)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return EXIT_DISCORD
+        return _discord_exit(exc, settings)
     return 0
+
+
+def _discord_settings() -> Settings | None:
+    """Settings for a command that logs in to Discord, with logging set up; None (after one line
+    on stderr) when DISCORD_TOKEN is missing."""
+    from bot.logging_setup import setup_logging
+
+    settings = load_settings()
+    if settings.discord_token is None:
+        print("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).", file=sys.stderr)
+        return None
+    setup_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _discord_exit(exc: Exception, settings: Settings) -> int:
+    """Print the one line for an error talking to Discord and return EXIT_DISCORD; re-raise others."""
+    line = _discord_failure(exc, settings)
+    if line is None:
+        raise exc
+    print(line, file=sys.stderr)
+    return EXIT_DISCORD
 
 
 def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
@@ -83,21 +98,14 @@ def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
 
 def _sync(_args: argparse.Namespace) -> int:
     from bot.command_sync import sync_now
-    from bot.logging_setup import setup_logging
 
-    settings = load_settings()
-    if settings.discord_token is None:
-        print("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).", file=sys.stderr)
+    settings = _discord_settings()
+    if settings is None:
         return 2
-    setup_logging(settings.log_level, settings.log_json)
     try:
         result = asyncio.run(sync_now(settings))
     except Exception as exc:
-        line = _discord_failure(exc, settings)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return EXIT_DISCORD
+        return _discord_exit(exc, settings)
     print(f"synced {result.count} slash commands {result.where}")
     return 0
 

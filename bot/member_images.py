@@ -413,12 +413,8 @@ class MemberImages:
             )
             params = actions.validate_params(params, policy)
             params = await self.bot.guard.check_request(interaction, params, policy)
-        except (InvalidParams, Refusal) as exc:
-            await actions._tell(interaction, str(exc))
-            return
-        except sqlite3.OperationalError as exc:
-            log.error("guard check failed: %s", exc)
-            await actions._tell(interaction, BUSY)
+        except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
+            await actions.tell_refusal(interaction, exc, "guard check")
             return
         extra = job_extras(job)
         if job.kind == JobKind.VARIATION:
@@ -452,12 +448,8 @@ class MemberImages:
                 raise Refusal(NO_PARAMETERS)
             params, hires, notes = self._params_from_text(text, policy)
             params = await self.bot.guard.check_request(interaction, params, policy)
-        except (InvalidParams, Refusal) as exc:
-            await actions._tell(interaction, str(exc))
-            return
-        except sqlite3.OperationalError as exc:
-            log.error("guard check failed: %s", exc)
-            await actions._tell(interaction, BUSY)
+        except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
+            await actions.tell_refusal(interaction, exc, "guard check")
             return
         extra: dict[str, Any] = {}
         if hires is not None:
