@@ -85,7 +85,7 @@ async def bot_path(folder: Path, data: Path, jobs: int, size: int, steps: int, b
 
     from bot.app import run_bot
     from bot.config import load_settings
-    from bot.engine import EngineState
+    from bot.runtime.engine import EngineState
 
     fake = FakeDiscord()
     fake.check_spec = False  # the tests check bodies; here it would add ~30 ms per request to the loop

@@ -49,9 +49,9 @@ from speed_common import (
     write_model,
 )
 
-from bot.engine import Engine
-from bot.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
-from bot.worker import Worker
+from bot.jobs.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
+from bot.runtime.engine import Engine
+from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig
 from generator.params import GenerationParams
 

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.queue import JobKind, JobQueue, QueueLimits
+from bot.jobs.queue import JobKind, JobQueue, QueueLimits
 
 PARAMS = {
     "prompt": "a cute pony in a meadow, highly detailed, soft lighting, masterpiece",

@@ -20,7 +20,7 @@ EXIT_WORKER_FAILED = 4
 
 def _run(_args: argparse.Namespace) -> int:
     from bot.app import run_bot
-    from bot.worker import WorkerFailed
+    from bot.runtime.worker import WorkerFailed
 
     settings = _discord_settings()
     if settings is None:
@@ -70,7 +70,7 @@ def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
     import aiohttp
     import discord
 
-    from bot.command_sync import CommandSyncRefused
+    from bot.discord_ui.command_sync import CommandSyncRefused
 
     if isinstance(exc, CommandSyncRefused):
         return f"{exc}. Nothing was synced; fix that command's definition."
@@ -97,7 +97,7 @@ def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
 
 
 def _sync(_args: argparse.Namespace) -> int:
-    from bot.command_sync import sync_now
+    from bot.discord_ui.command_sync import sync_now
 
     settings = _discord_settings()
     if settings is None:
@@ -111,7 +111,7 @@ def _sync(_args: argparse.Namespace) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from bot.db import DatabaseTooNew, migrate_path
+    from bot.jobs.db import DatabaseTooNew, migrate_path
 
     settings = load_settings()
     try:
@@ -124,14 +124,14 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 
 def _invite_url(args: argparse.Namespace) -> int:
-    from bot.permissions import invite_url
+    from bot.policy.permissions import invite_url
 
     print(invite_url(args.application_id))
     return 0
 
 
 def _doctor(_args: argparse.Namespace) -> int:
-    from bot.doctor import main as doctor_main
+    from bot.ops.doctor import main as doctor_main
 
     return doctor_main()
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+from bot.jobs.db import MIGRATIONS_DIR
+
+MIGRATIONS = MIGRATIONS_DIR
 
 
 @pytest.fixture
 async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
     """A fresh jobs database with every migration applied."""
-    # the bot's settings (bot/db.py): autocommit, rows as aiosqlite.Row
+    # the bot's settings (bot/jobs/db.py): autocommit, rows as aiosqlite.Row
     db = await aiosqlite.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
     db.row_factory = aiosqlite.Row
     for script in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):

@@ -103,7 +103,7 @@ def test_redact_leaves_ordinary_text() -> None:
 def test_log_job_event_json() -> None:
     out = io.StringIO()
     setup_logging("INFO", True, stream=out)
-    log = logging.getLogger("bot.worker")
+    log = logging.getLogger("bot.runtime.worker")
     log_job_event(log, 12, 34, "running", wait_s=1.23456)
     log_job_event(log, 12, 34, "done", wait_s=1.2, run_s=8.04321, images=4, error=None)
     log_job_event(log, 13, 34, "failed", error="Out of GPU memory")
@@ -112,7 +112,7 @@ def test_log_job_event_json() -> None:
     assert records[0] | {"ts": None} == {
         "ts": None,
         "level": "INFO",
-        "logger": "bot.worker",
+        "logger": "bot.runtime.worker",
         "msg": "job 12 running",
         "job_id": 12,
         "user_id": 34,
@@ -126,9 +126,9 @@ def test_log_job_event_json() -> None:
 def test_log_job_event_plain() -> None:
     out = io.StringIO()
     setup_logging("INFO", False, stream=out)
-    log_job_event(logging.getLogger("bot.worker"), 5, 6, "queued", msg="clash")
+    log_job_event(logging.getLogger("bot.runtime.worker"), 5, 6, "queued", msg="clash")
     (line,) = lines(out)
-    assert "bot.worker: job 5 queued job_id=5 user_id=6 status=queued msg_=clash" in line
+    assert "bot.runtime.worker: job 5 queued job_id=5 user_id=6 status=queued msg_=clash" in line
 
 
 def test_voice_support_warnings_are_dropped() -> None:

@@ -21,9 +21,10 @@ import pytest
 from discord_spec import STATS as SPEC_STATS
 from fake_discord import FakeDiscord, FakeMessage, SpecViolation, created_fakes, take_created
 
-from bot.app import PonyBot, run_bot
+from bot.app import run_bot
 from bot.config import load_settings
-from bot.engine import EngineState
+from bot.discord_ui.client import PonyBot
+from bot.runtime.engine import EngineState
 
 PONYBOT_SCRIPT = Path(sys.executable).with_name("ponybot")
 

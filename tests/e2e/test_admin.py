@@ -10,8 +10,8 @@ from conftest import is_result, job_messages, wait_until
 from fake_discord import MANAGE_GUILD, FakeDiscord
 from test_bad_input import answer, followup_text, job_total
 
-from bot.admin_commands import NOT_ADMIN
-from bot.guard import BANNED, BLOCKED
+from bot.discord_ui.commands.admin import NOT_ADMIN
+from bot.policy.guard import BANNED, BLOCKED
 
 
 async def admin(fake: FakeDiscord, subcommand: str, options: dict[str, Any] | None = None, **kw: Any) -> str:

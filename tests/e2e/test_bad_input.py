@@ -12,7 +12,7 @@ from typing import Any
 from conftest import embed_footer, is_result, job_messages, wait_until
 from fake_discord import FakeDiscord, FakeInteraction
 
-from bot.guard import BLOCKED
+from bot.policy.guard import BLOCKED
 from generator.params import ASPECTS, MAX_SEED
 from generator.samplers import SAMPLER_NAMES
 

@@ -15,9 +15,9 @@ from conftest import PONYBOT_SCRIPT, bot_env
 from discord import app_commands
 from fake_discord import FakeDiscord
 
-from bot.app_state import AppState
-from bot.command_sync import CommandSyncRefused, sync_commands
-from bot.queue import JobQueue, QueueLimits
+from bot.discord_ui.command_sync import CommandSyncRefused, sync_commands
+from bot.jobs.app_state import AppState
+from bot.jobs.queue import JobQueue, QueueLimits
 
 pytestmark = pytest.mark.e2e
 

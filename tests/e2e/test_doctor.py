@@ -18,8 +18,8 @@ from fake_discord import (
     FakeDiscord,
 )
 
-from bot.guild_settings import GuildSettingsStore
-from bot.queue import JobQueue, QueueLimits
+from bot.jobs.guild_settings import GuildSettingsStore
+from bot.jobs.queue import JobQueue, QueueLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 #: deliberately not token-shaped, so the test proves it is never printed (not just redacted by shape)

@@ -29,9 +29,9 @@ from fake_discord import (
 )
 from test_bad_input import answer, job_total
 
-from bot.actions import BUSY
-from bot.engine import EngineState
-from bot.worker import WorkerFailed
+from bot.discord_ui.actions import BUSY
+from bot.runtime.engine import EngineState
+from bot.runtime.worker import WorkerFailed
 from generator.pipeline import BLANK_MESSAGE, OOM_MESSAGE
 
 
@@ -151,7 +151,7 @@ async def test_message_or_channel_deleted_while_the_job_waits(
     bot.worker.paused = True
     assert (await answer(fake, {"prompt": "two"})).startswith("Queued as job #2:")
     await wait_until(lambda: job_messages(fake, 2), 10, "status")
-    caplog.set_level(logging.ERROR, logger="bot.delivery")
+    caplog.set_level(logging.ERROR, logger="bot.discord_ui.delivery")
     await fake.delete_channel(fake.channel_id)
     bot.worker.paused = False
     bot.worker.wake()

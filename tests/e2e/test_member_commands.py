@@ -8,7 +8,7 @@ from conftest import is_result, job_messages, wait_until
 from fake_discord import FakeDiscord
 from test_bad_input import answer, followup_text
 
-from bot.guard import NSFW_ONLY
+from bot.policy.guard import NSFW_ONLY
 
 
 async def test_pony_queue_lists_my_jobs_with_cancel_buttons(discord_server: FakeDiscord, start_bot) -> None:

@@ -350,8 +350,8 @@ async def test_retention_deletes_old_uploads_and_a_rerun_then_says_so(
     import os
     import time
 
-    from bot.db import connect
-    from bot.retention import prune
+    from bot.jobs.db import connect
+    from bot.jobs.retention import prune
 
     fake = discord_server
     bot = await start_bot(PONY_DEFAULT_COUNT="1")
@@ -379,7 +379,7 @@ async def test_retention_deletes_old_uploads_and_a_rerun_then_says_so(
 
 
 async def test_hires_jobs_are_never_batched(tmp_path) -> None:
-    from bot.queue import JobQueue, QueueLimits
+    from bot.jobs.queue import JobQueue, QueueLimits
     from generator.params import GenerationParams
 
     queue = await JobQueue.open(tmp_path / "q.db", QueueLimits(max_open_per_user=10))

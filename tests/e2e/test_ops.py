@@ -19,12 +19,12 @@ from fake_discord import FakeDiscord, FakeMessage
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-import bot.ops
-from bot.about import USE_RESTRICTIONS, bot_version
-from bot.db import connect
+import bot.ops.ops
+from bot.jobs.db import connect
+from bot.jobs.retention import prune
 from bot.logging_setup import JsonLinesFormatter
-from bot.retention import prune
-from bot.stats import format_duration
+from bot.ops.about import USE_RESTRICTIONS, bot_version
+from bot.ops.stats import format_duration
 
 
 def free_port() -> int:

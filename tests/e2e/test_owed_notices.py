@@ -24,8 +24,8 @@ from fake_discord import FakeDiscord, FakeMessage
 from test_bad_input import answer
 from test_faults import field, final_message, has_status, title
 
-from bot.delivery import post_nonce
-from bot.queue import crashed_message
+from bot.discord_ui.delivery import post_nonce
+from bot.jobs.queue import crashed_message
 from generator.errors import BadOutput
 from generator.pipeline import BLANK_MESSAGE
 

@@ -29,7 +29,7 @@ from test_bad_input import answer
 from test_buttons import button_id, make_result
 from test_faults import field, final_message, title
 
-from bot.queue import JobQueue
+from bot.jobs.queue import JobQueue
 from generator.errors import BadOutput, OutOfMemory
 from generator.pipeline import BLANK_MESSAGE, OOM_MESSAGE
 

@@ -1,0 +1,4 @@
+"""Running the bot: metrics and health, /pony-stats numbers, logging of job events, `ponybot doctor`
+and the about text. May import `bot.runtime`, `bot.jobs`, `bot.policy` and the base modules; never
+`bot.discord_ui`.
+"""

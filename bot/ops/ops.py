@@ -1,0 +1,157 @@
+"""Operations wiring: metrics, health, periodic queue refresh and retention, job logs' final line.
+
+`PonyBot` owns one `Ops`. It hands the worker its `worker_heartbeat` and `job_finished` hooks and
+reports the gateway state (`gateway`); `run_bot` calls `start()` once the bot is built and `stop()`
+on the way out. `start()` opens a database connection of its own (retention writes in its own
+transactions, so it must not share the queue's), starts the periodic tasks and, when
+`PONY_METRICS_PORT` is set, the `/metrics` + `/healthz` server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+
+from bot.jobs.db import connect
+from bot.jobs.queue import Job
+from bot.jobs.retention import prune, retention_limits
+from bot.ops.metrics import OUTCOMES, Health, Metrics, MetricsServer
+from bot.runtime.engine import EngineState
+
+if TYPE_CHECKING:
+    from bot.discord_ui.client import PonyBot
+
+log = logging.getLogger(__name__)
+
+#: seconds between two refreshes of the queue-depth gauge and health's view of the queue
+REFRESH_S = 10.0
+#: how many finished job ids are remembered so a job is counted once
+_SEEN_LIMIT = 10_000
+
+
+class Ops:
+    """Metrics, health and the periodic tasks of one bot process."""
+
+    def __init__(self, bot: PonyBot) -> None:
+        self.bot = bot
+        self.settings = bot.settings
+        self.metrics = Metrics(gpu_memory=self._gpu_bytes)
+        self.health = Health(stuck_after_s=self.settings.health_stuck_s)
+        self.server: MetricsServer | None = None
+        self.conn: aiosqlite.Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._counted: OrderedDict[int, None] = OrderedDict()
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def worker_heartbeat(self) -> None:
+        """The worker's `heartbeat`: alive now, busy when it holds jobs."""
+        worker = getattr(self.bot, "worker", None)
+        busy = bool(worker is not None and worker.current_job_ids)
+        self.health.worker_heartbeat(busy=busy)
+
+    def gateway(self, connected: bool) -> None:
+        """Record a gateway connect (on_ready/on_resumed) or disconnect (on_disconnect)."""
+        self.health.set_gateway(connected)
+
+    def job_finished(self, job: Job) -> None:
+        """The worker's `on_finished`: count a job that ended, once, with its timings."""
+        outcome = str(job.status)
+        if outcome not in OUTCOMES or job.id in self._counted:
+            return
+        self._counted[job.id] = None
+        while len(self._counted) > _SEEN_LIMIT:
+            self._counted.popitem(last=False)
+        wait_s = job.started_at - job.created_at if job.started_at is not None else None
+        images = len(job.result_files) if outcome == "done" else 0
+        self.metrics.job_finished(outcome, wait_s, job.gen_seconds, images)
+
+    def check_health(self) -> tuple[bool, dict[str, Any]]:
+        """`Health.check` plus the model state: a model that failed to load is unhealthy."""
+        ok, details = self.health.check()
+        engine = self.bot.engine
+        details["model"] = engine.state.value
+        details["worker"] = getattr(getattr(self.bot, "worker", None), "state", None)
+        if engine.state is EngineState.FAILED:
+            details["reasons"].append(f"model failed to load: {engine.error}")
+            ok = False
+        elif engine.state is EngineState.HUNG:
+            details["reasons"].append(f"GPU hung: {engine.error}")
+            ok = False
+        return ok, details
+
+    def _gpu_bytes(self) -> int | None:
+        memory = self.bot.engine.gpu_memory()
+        return memory[1] if memory is not None else None
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the ops connection, start the periodic tasks and (if configured) the metrics server."""
+        self.conn = await connect(self.settings.db_path, busy_timeout_ms=self.settings.db_busy_timeout_ms)
+        self._spawn(self._every(REFRESH_S, self.refresh), "ponybot-metrics-refresh")
+        self._spawn(self._every(self.settings.retention_every_min * 60.0, self.prune), "ponybot-retention")
+        if self.settings.metrics_port is not None:
+            server = MetricsServer(self.metrics, self.check_health, before_scrape=self.refresh)
+            host, port = self.settings.metrics_host, self.settings.metrics_port
+            try:
+                await server.start(host, port)
+            except OSError as exc:  # the bot still serves Discord; `ponybot doctor` points at the cause
+                log.error(
+                    "metrics are off: cannot listen on %s:%s (%s); change PONY_METRICS_PORT", host, port, exc
+                )
+            else:
+                self.server = server
+
+    async def stop(self) -> None:
+        """Stop the server and the periodic tasks; close the ops connection. Safe to call twice."""
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.close()
+
+    # --- periodic work --------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the open-job counts into the queue gauge and health."""
+        if self.conn is None:
+            return
+        counts = await self.metrics.refresh_from_db(self.conn)
+        self.health.set_queue_depth(counts)
+
+    async def prune(self) -> None:
+        """Apply the retention limits once (PONY_RETENTION_DAYS, PONY_RETENTION_MAX_GB)."""
+        if self.conn is None:
+            return
+        max_age_s, max_bytes = retention_limits(self.settings.retention_days, self.settings.retention_max_gb)
+        await prune(
+            self.conn, self.settings.images_dir, max_age_s=max_age_s, max_bytes=max_bytes, now=time.time()
+        )
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+        self._tasks[-1].set_name(name)
+
+    async def _every(self, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+        """Run `action` now and then every `interval_s`; errors are logged, never fatal."""
+        while True:
+            try:
+                await action()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(action, "__name__", action))
+            await asyncio.sleep(interval_s)
