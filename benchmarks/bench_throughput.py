@@ -49,7 +49,8 @@ from speed_common import (
     write_model,
 )
 
-from bot.jobs.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
+from bot.jobs.models import Job, JobKind, JobStatus, QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.runtime.engine import Engine
 from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig

@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.jobs.queue import JobKind, JobQueue, QueueLimits
+from bot.jobs.models import JobKind, QueueLimits
+from bot.jobs.queue import JobQueue
 
 PARAMS = {
     "prompt": "a cute pony in a meadow, highly detailed, soft lighting, masterpiece",

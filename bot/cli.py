@@ -7,8 +7,10 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any
 
 from bot.config import Settings, SettingsError, load_settings
+from generator.config import GeneratorConfig
 
 #: exit status when Discord refused something or could not be reached (2: bad settings)
 EXIT_DISCORD = 3
@@ -97,7 +99,7 @@ def _discord_failure(exc: BaseException, settings: Settings) -> str | None:
 
 
 def _sync(_args: argparse.Namespace) -> int:
-    from bot.discord_ui.command_sync import sync_now
+    from bot.app import sync_now
 
     settings = _discord_settings()
     if settings is None:
@@ -156,13 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generate_defaults() -> tuple[GeneratorConfig, dict[str, Any]]:
+    """`ponybot generate`'s config and defaults from the settings (ValueError: one line)."""
+    try:
+        s = load_settings()
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
+    return s.generator_config(), {
+        "negative": s.default_negative,
+        "steps": s.default_steps,
+        "guidance": s.default_guidance,
+        "count": s.default_count,
+        "sampler": s.default_sampler,
+        "base_resolution": s.base_resolution,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
         from generator.cli import main as generate_main
 
-        return generate_main(argv[1:])
+        return generate_main(argv[1:], defaults_source=_generate_defaults)
     if argv and argv[0] == "tiny-model":
         from generator.cli import tiny_model_main
 

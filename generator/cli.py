@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,6 +39,16 @@ def _fail(prog: str, message: str, code: int) -> int:
     return code
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code: 2 after a one-line usage error, 0 after --help."""
+    try:
+        return parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(parser.prog, str(exc), 2)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+
 def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -52,27 +63,13 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _settings_defaults() -> tuple[GeneratorConfig, dict[str, Any]]:
-    """Generator config and request defaults from the bot's settings.
+#: Where `main` gets the generator config and request defaults (keys: negative, steps, guidance,
+#: count, sampler, base_resolution); raises `ValueError` with a one-line message for a bad setting.
+DefaultsSource = Callable[[], tuple[GeneratorConfig, dict[str, Any]]]
 
-    Raises `ValueError` with the settings' one-line message when a setting is invalid.
-    """
-    try:
-        from bot.config import SettingsError, load_settings
-    except ImportError:  # the generator used without the bot package
-        return GeneratorConfig(), {}
-    try:
-        s = load_settings()
-    except SettingsError as exc:
-        raise ValueError(str(exc)) from None
-    return s.generator_config(), {
-        "negative": s.default_negative,
-        "steps": s.default_steps,
-        "guidance": s.default_guidance,
-        "count": s.default_count,
-        "sampler": s.default_sampler,
-        "base_resolution": getattr(s, "base_resolution", 512),
-    }
+
+def _no_settings() -> tuple[GeneratorConfig, dict[str, Any]]:
+    return GeneratorConfig(), {}
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -107,19 +104,18 @@ def build_generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`ponybot generate PROMPT [options]`: write OUT/<seed>-<n>.png files and print their paths."""
+def main(argv: list[str] | None = None, defaults_source: DefaultsSource = _no_settings) -> int:
+    """`ponybot generate PROMPT [options]`: write OUT/<seed>-<n>.png files and print their paths.
+
+    `defaults_source` supplies the config and defaults (the bot passes its settings' values).
+    """
     prog = "ponybot generate"
-    parser = build_generate_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as exc:
-        return _fail(prog, str(exc), 2)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = _parse(build_generate_parser(), argv)
+    if isinstance(args, int):
+        return args
 
     try:
-        gen_config, defaults = _settings_defaults()
+        gen_config, defaults = defaults_source()
     except ValueError as exc:
         return _fail(prog, str(exc), 2)
 
@@ -199,12 +195,9 @@ def tiny_model_main(argv: list[str] | None = None) -> int:
     p.add_argument("path", type=Path, help="folder to write (created)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--upscaler", type=Path, help="also write a tiny ESRGAN x4 here (.pth or .safetensors)")
-    try:
-        args = p.parse_args(argv)
-    except _UsageError as exc:
-        return _fail(prog, str(exc), 2)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
     if args.path.exists() and not args.path.is_dir():
         return _fail(prog, f"{args.path} exists and is not a folder", 2)
     _quiet_libraries()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from generator.config import GeneratorConfig
-from generator.errors import ModelLoadError, OutOfMemory
+from generator.errors import ModelLoadError, first_line, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,6 @@ class FastPathReport:
         if self.compile_error:
             parts.append(f"compile off: {self.compile_error}")
         return f"fast path on {self.device}: " + "; ".join(parts)
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError | OutOfMemory) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
 
 
 # --- every device ------------------------------------------------------------------------------
@@ -137,7 +125,9 @@ def load_fast_lora(pipe: Any, path: Path) -> str:
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"Could not load PONY_FAST_LORA {str(path)!r}: {_first_line(exc)}") from None
+        raise ModelLoadError(
+            f"Could not load PONY_FAST_LORA {str(path)!r}: {first_line(exc, 160, with_type=True)}"
+        ) from None
     return f"{name}: {short_hash(folder / weight_name)}"
 
 
@@ -165,7 +155,9 @@ def prepare_model(pipe: Any, config: GeneratorConfig, device: str) -> FastPathRe
             pipe.fuse_qkv_projections()
             report.applied.append("fused qkv")
         except Exception as exc:  # experimental in diffusers: keep the unfused model
-            _warn(report, f"fused QKV projections failed ({_first_line(exc)}); left unfused")
+            _warn(
+                report, f"fused QKV projections failed ({first_line(exc, 160, with_type=True)}); left unfused"
+            )
     return report
 
 
@@ -211,9 +203,9 @@ class CompiledRoute:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = self.compiled(*args)
             except Exception as exc:
-                if self.warming or _is_oom(exc):
+                if self.warming or is_oom(exc):
                     raise
-                self.disable(_first_line(exc))
+                self.disable(first_line(exc, 160, with_type=True))
             else:
                 if self.warming:
                     self.keys.add(key)
@@ -355,10 +347,10 @@ def warm_up(
                 try:
                     generator.txt2img_batch(requests)
                 except Exception as exc:
-                    if _is_oom(exc):
+                    if is_oom(exc):
                         _warn(report, f"warm-up: {images} images at {width}x{height} ran out of memory")
                         break
-                    report.compile_error = _first_line(exc)
+                    report.compile_error = first_line(exc, 160, with_type=True)
                     for route in routes:
                         route.disable(report.compile_error)
                     return
@@ -394,7 +386,7 @@ def _quantize_fp8(unet: Any, report: FastPathReport) -> None:
         quantize_(unet, config)
         report.applied.append("fp8 linears (torchao)")
     except Exception as exc:
-        _warn(report, f"PONY_FP8 failed ({_first_line(exc)}); the UNet stays fp16")
+        _warn(report, f"PONY_FP8 failed ({first_line(exc, 160, with_type=True)}); the UNet stays fp16")
 
 
 def accelerate(generator: Any, report: FastPathReport, *, backend: str = "inductor") -> FastPathReport:
@@ -446,7 +438,7 @@ def install_compiled(generator: Any, report: FastPathReport, *, backend: str = "
             route_vae_decode(generator.pipe.vae, mode=mode, backend=backend, cudagraphs=graphs),
         ]
     except Exception as exc:
-        report.compile_error = _first_line(exc)
+        report.compile_error = first_line(exc, 160, with_type=True)
         _warn(report, f"torch.compile is unavailable ({report.compile_error}); running eager")
         return
     report.routes = routes

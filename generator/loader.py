@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from generator.config import GeneratorConfig
-from generator.errors import ModelLoadError
+from generator.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,6 @@ def dtype_for(device: str) -> torch.dtype:
 def _offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0].strip() if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -238,7 +232,7 @@ def _load_folder(folder: Path, config: GeneratorConfig, dtype: torch.dtype) -> A
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"Could not load model {config.model!r}: unreadable model_index.json ({_first_line(exc)}). {SET_MODEL}"
+            f"Could not load model {config.model!r}: unreadable model_index.json ({first_line(exc)}). {SET_MODEL}"
         ) from None
     if class_name not in _SD_PIPELINES:
         raise ModelLoadError(
@@ -267,7 +261,7 @@ def _shapes_of(path: Path, model: str) -> dict[str, torch.Tensor]:
                 return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
         except Exception as exc:
             raise ModelLoadError(
-                f"{bad}: not a valid .safetensors file ({_first_line(exc)}). {SET_MODEL}"
+                f"{bad}: not a valid .safetensors file ({first_line(exc)}). {SET_MODEL}"
             ) from None
     try:
         try:
@@ -282,7 +276,7 @@ def _shapes_of(path: Path, model: str) -> dict[str, torch.Tensor]:
                 f"{bad}: the .ckpt contains pickled objects other than plain weights, which are refused "
                 "for safety. Convert it to .safetensors, or set PONY_MODEL to a .safetensors file."
             ) from None
-        raise ModelLoadError(f"{bad}: not a readable checkpoint ({_first_line(exc)}). {SET_MODEL}") from None
+        raise ModelLoadError(f"{bad}: not a readable checkpoint ({first_line(exc)}). {SET_MODEL}") from None
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -359,7 +353,7 @@ def _load_hub(config: GeneratorConfig, dtype: torch.dtype) -> Any:
         ):
             reason = "the Hugging Face hub could not be reached and it is not in the local cache"
         else:
-            reason = _first_line(exc, 160).rstrip(".")
+            reason = first_line(exc, 160).rstrip(".")
         raise ModelLoadError(
             f"Could not load model {config.model!r}: {reason}. Check the network and the id, "
             "or set PONY_MODEL to a local diffusers folder or .safetensors file."
@@ -397,7 +391,7 @@ def load_pipeline(config: GeneratorConfig) -> LoadedModel:
         raise ModelLoadError(f"Could not load model {model!r}: the GPU ran out of memory.") from None
     except Exception as exc:
         log.debug("model load failed", exc_info=True)
-        raise ModelLoadError(f"Could not load model {model!r}: {_first_line(exc)}. {SET_MODEL}") from None
+        raise ModelLoadError(f"Could not load model {model!r}: {first_line(exc)}. {SET_MODEL}") from None
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(
         pipe=pipe,

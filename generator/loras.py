@@ -19,17 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from generator.errors import InvalidParams
+from generator.errors import InvalidParams, first_line
 from generator.extra_files import hashes_text, lora_files, lora_hash, resolve_lora
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "lora_"  #: adapter names are this + an index (LoRA names may hold any character)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 class LoraManager:
@@ -88,7 +83,7 @@ class LoraManager:
                 self.pipe.load_lora_weights(dict(self._state[name]), adapter_name=adapter)
         except Exception as exc:
             self._forget(adapter)
-            log.warning("LoRA %s did not load: %s", name, _first_line(exc))
+            log.warning("LoRA %s did not load: %s", name, first_line(exc, 160))
             raise InvalidParams(f'LoRA "{name}" could not be loaded (is it an SD 1.x LoRA?).') from None
         listed = {a for adapters in self.pipe.get_list_adapters().values() for a in adapters}
         if adapter not in listed:

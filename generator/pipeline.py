@@ -38,7 +38,7 @@ from generator import fastpath
 from generator.conditioning import ScheduledEmbeds, StepConditioning, encode_scheduled, pad_pair
 from generator.config import GeneratorConfig
 from generator.embeddings import Embeddings
-from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
+from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory, first_line, is_oom
 from generator.fastpath import FastPathReport
 from generator.loader import LoadedModel, load_pipeline
 from generator.loras import LoraManager
@@ -117,12 +117,6 @@ def _part_progress(progress: ProgressFn | None, part: int, parts: int) -> Progre
     return report
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 class Generator:
     """A loaded model and the operations the bot needs. Create with `Generator.load(config)`."""
 
@@ -135,7 +129,11 @@ class Generator:
     def __init__(
         self, config: GeneratorConfig, loaded: LoadedModel, upscaler: Upscaler | None = None
     ) -> None:
-        from diffusers import StableDiffusionImg2ImgPipeline
+        # from its own module: to a type checker `diffusers.StableDiffusionImg2ImgPipeline` is the
+        # placeholder class diffusers' lazy __init__ imports when torch is missing
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+            StableDiffusionImg2ImgPipeline,
+        )
 
         self.config = config
         self.pipe = loaded.pipe
@@ -148,7 +146,6 @@ class Generator:
         self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
         self._img2img.set_progress_bar_config(disable=True)
         self._scheduler_base = dict(self.pipe.scheduler.config)
-        self._per_image_unet = False
         self._cfg = True  # whether the running call uses classifier-free guidance (2 UNet rows per image)
         #: A1111 "Lora hashes" text of the fused few-step LoRA (fast mode), or None
         self.fast_lora: str | None = None
@@ -238,7 +235,6 @@ class Generator:
             return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
         unet.forward = per_image_forward
-        self._per_image_unet = True
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -252,9 +248,9 @@ class Generator:
         try:
             yield
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
-            log.warning("out of memory: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("out of memory: %s", first_line(exc))
             del exc
             gc.collect()
             if torch.cuda.is_available():

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from generator.errors import ModelLoadError
+from generator.errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,11 @@ class ImageClassifier:
 
             pipe = pipeline("image-classification", model=str(folder), device=device)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"Image classifier {str(folder)!r} could not be loaded: {first}") from None
-        known = {str(name).casefold() for name in pipe.model.config.id2label.values()}
+            raise ModelLoadError(
+                f"Image classifier {str(folder)!r} could not be loaded: {first_line(exc)}"
+            ) from None
+        id2label = pipe.model.config.id2label or {}  # a config without labels flags nothing: refused below
+        known = {str(name).casefold() for name in id2label.values()}
         if not wanted & known:
             raise ModelLoadError(
                 f"Image classifier {str(folder)!r}: none of PONY_NSFW_LABELS ({', '.join(sorted(wanted))})"
@@ -103,9 +105,11 @@ def write_tiny_classifier(path: Path, *, flags_everything: bool) -> Path:
         label2id={"normal": 0, "nsfw": 1},
     )
     model = ViTForImageClassification(config)
+    head = model.classifier
+    assert isinstance(head, torch.nn.Linear), "two labels give a linear classification head"
     with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.copy_(torch.tensor([0.0, 10.0] if flags_everything else [10.0, 0.0]))
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 10.0] if flags_everything else [10.0, 0.0]))
     path = Path(path)
     model.save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)

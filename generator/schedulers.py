@@ -20,19 +20,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    TCDScheduler,
-    UniPCMultistepScheduler,
-)
 
-# the real class: `diffusers.LMSDiscreteScheduler` is a stub raising ImportError without scipy
+# the real classes from their own modules: `diffusers.LMSDiscreteScheduler` is a stub raising
+# ImportError without scipy, and for a type checker the names of diffusers' lazy __init__ are the
+# placeholder classes it imports when torch is missing (not SchedulerMixin subclasses)
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import DPMSolverSDEScheduler
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_lcm import LCMScheduler
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
+from diffusers.schedulers.scheduling_tcd import TCDScheduler
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from generator.errors import InvalidParams
@@ -156,6 +157,15 @@ def make_scheduler(
     scheduler = _CACHE.get(key)
     if scheduler is None:
         cls, _ = _TABLE[name]
-        scheduler = cls.from_config(_config(name, base, schedule))
+        scheduler = _from_config(cls, _config(name, base, schedule))
         _CACHE[key] = scheduler
+    return scheduler
+
+
+def _from_config(cls: type[SchedulerMixin], config: dict[str, Any]) -> SchedulerMixin:
+    """`cls.from_config(config)`, typed: the method comes from ConfigMixin, every scheduler's other base."""
+    assert issubclass(cls, ConfigMixin), f"{cls.__name__} is not a diffusers config class"
+    scheduler = cls.from_config(config)
+    # diffusers types the result `Self | tuple[Self, dict]`; the tuple comes only with return_unused_kwargs
+    assert not isinstance(scheduler, tuple)
     return scheduler

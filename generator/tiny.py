@@ -51,7 +51,13 @@ def write_tiny_model(path: Path, seed: int = 0) -> Path:
     positions and a byte-level BPE tokenizer, the model card's DDIM scheduler, no safety checker.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    # from their own modules: to a type checker the names of diffusers' lazy __init__ are the
+    # placeholder classes it imports when torch is missing (no save_pretrained, not the real types)
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -115,8 +121,10 @@ def write_tiny_model(path: Path, seed: int = 0) -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
+        # diffusers annotates these two without `| None`, though None is how a pipeline has no checker
+        # (unused-ignore: where mypy is set to skip diffusers, everything from it is Any)
+        safety_checker=None,  # type: ignore[arg-type, unused-ignore]
+        feature_extractor=None,  # type: ignore[arg-type, unused-ignore]
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)

@@ -9,39 +9,104 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import discord
 
-from bot.discord_ui.messages import footer_text, format_duration
+from bot.config import Settings
+from bot.discord_ui.buttons import ButtonAction
+from bot.discord_ui.delivery import Delivery
+from bot.discord_ui.messages import names_job
+from bot.discord_ui.replies import tell
+from bot.errors import BUSY, Refusal, refusal_text
 from bot.jobs.extras import hires_of, job_cost, job_extras
-from bot.jobs.queue import Job, JobKind, JobStatus, QueueFull
+from bot.jobs.models import Job, JobKind, JobStatus, QueueFull
+from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
+from bot.ops.ops import Ops
+from bot.policy.guard import Guard, Policy
 from bot.policy.permissions import missing_permissions
-from bot.policy.text import clean_prompt
+from bot.policy.text import clean_prompt, format_duration
+from bot.runtime.engine import Engine, EngineState
+from bot.runtime.worker import Worker
 from generator.errors import InvalidParams
 from generator.extra_files import available_loras
 from generator.hires import hires_size
 from generator.params import GenerationParams, aspect_size, random_seed, validate
 
-if TYPE_CHECKING:
-    from bot.discord_ui.client import PonyBot
-    from bot.policy.guard import Policy
-
 log = logging.getLogger(__name__)
 
-BUSY = "The queue is busy right now; nothing was queued. Try again in a moment."
+__all__ = ["JobActions", "PonyExtras", "cancel_text", "engine_notice", "validate_params"]
 
 
-class Refusal(Exception):
-    """A request refused with a short, user-facing reason."""
+class PonyExtras(Protocol):
+    """/pony's image, strength and hires options (bot.discord_ui.member_images.ImageOptions)."""
+
+    async def pony_extras(
+        self,
+        interaction: discord.Interaction,
+        params: GenerationParams,
+        *,
+        image: discord.Attachment | None,
+        strength: float | None,
+        hires: bool | None,
+        hires_scale: float | None,
+        aspect: str | None,
+    ) -> tuple[JobKind, GenerationParams, dict[str, Any], str | None]:
+        """(kind, params, extra params, note) for those options; raises Refusal."""
+        ...
+
+    def forget_source(self, rel: str) -> None:
+        """Delete a saved upload whose job was refused."""
+        ...
+
+
+def validate_params(
+    settings: Settings, params: GenerationParams, policy: Policy | None = None
+) -> GenerationParams:
+    """`validate` with the bot's limits (the guild's max steps); raises InvalidParams."""
+    max_steps = policy.max_steps if policy else settings.max_steps
+    return validate(
+        params, max_pixels=settings.max_pixels, max_steps=max_steps, loras=available_loras(settings.lora_dir)
+    )
+
+
+def engine_notice(engine: Engine) -> str | None:
+    """A note for the requester when the generator is not ready."""
+    if engine.state is EngineState.LOADING:
+        return "The model is still loading; your job will start as soon as it is ready."
+    if engine.state is EngineState.FAILED:
+        return "The generator is unavailable right now; your job is kept in the queue."
+    if engine.state is EngineState.HUNG:
+        return "The generator is restarting; your job is kept in the queue."
+    return None
 
 
 class JobActions:
     """Use cases behind /pony and the buttons."""
 
-    def __init__(self, bot: PonyBot):
-        self.bot = bot
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: JobQueue,
+        engine: Engine,
+        guard: Guard,
+        delivery: Delivery,
+        worker: Worker,
+        ops: Ops,
+        extras: PonyExtras,
+        client: discord.Client,
+    ):
+        self.settings = settings
+        self.queue = queue
+        self.engine = engine
+        self.guard = guard
+        self.delivery = delivery
+        self.worker = worker
+        self.ops = ops
+        self.extras = extras
+        self.client = client
 
     # --- /pony --------------------------------------------------------------------------------
 
@@ -63,7 +128,7 @@ class JobActions:
     ) -> GenerationParams:
         """Fill defaults from settings (or the guild's `policy`), clean the text and validate;
         raises InvalidParams."""
-        s = self.bot.settings
+        s = self.settings
         default_steps = policy.default_steps if policy else s.default_steps
         default_count = policy.default_count if policy else s.default_count
         width, height = aspect_size(aspect or "square", s.base_resolution)
@@ -87,29 +152,25 @@ class JobActions:
 
     def validate_params(self, params: GenerationParams, policy: Policy | None = None) -> GenerationParams:
         """`validate` with the bot's limits (the guild's max steps); raises InvalidParams."""
-        s = self.bot.settings
-        max_steps = policy.max_steps if policy else s.max_steps
-        return validate(
-            params, max_pixels=s.max_pixels, max_steps=max_steps, loras=available_loras(s.lora_dir)
-        )
+        return validate_params(self.settings, params, policy)
 
     async def pony(self, interaction: discord.Interaction, **options: object) -> None:
         """/pony: defer, check member and channel, validate, enqueue, announce.
 
         `image`/`strength` (img2img of an upload) and `hires`/`hires_scale` (hires fix) are
-        handled by `bot.member_images.MemberImages.pony_extras`.
+        handled by `PonyExtras.pony_extras` (bot.discord_ui.member_images.ImageOptions).
         """
         await interaction.response.defer(ephemeral=True, thinking=True)
         image = options.pop("image", None)
         strength = options.pop("strength", None)
         hires = options.pop("hires", None)
         hires_scale = options.pop("hires_scale", None)
-        guard = self.bot.guard
+        guard = self.guard
         try:
             policy = await guard.admit(interaction)
             params = self.build_params(**options, policy=policy)  # type: ignore[arg-type]
             params = await guard.check_request(interaction, params, policy)
-            kind, params, extra, note = await self.bot.images.pony_extras(
+            kind, params, extra, note = await self.extras.pony_extras(
                 interaction,
                 params,
                 image=image,  # type: ignore[arg-type]
@@ -121,33 +182,36 @@ class JobActions:
         except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
             await self.tell_refusal(interaction, exc, "guard check")
             return
-        job = await self._submit(interaction, kind=kind, params=params, policy=policy, extra=extra, note=note)
+        job = await self.submit(interaction, kind=kind, params=params, policy=policy, extra=extra, note=note)
         if job is None and extra.get("source"):  # refused: the saved upload is nobody's
-            self.bot.images.forget_source(str(extra["source"]))
+            self.extras.forget_source(str(extra["source"]))
 
     # --- buttons ------------------------------------------------------------------------------
 
     async def on_button(
-        self, interaction: discord.Interaction, action: str, job_id: int, index: int | None
+        self, interaction: discord.Interaction, action: ButtonAction, job_id: int, index: int | None
     ) -> None:
-        """Dispatch a persistent button press."""
+        """Dispatch a persistent button press (Edit is `MemberImages.open_edit`: a modal, no defer)."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.bot.queue.get(job_id)
+        job = await self.queue.get(job_id)
         if job is None:
-            await self._tell(interaction, "That job no longer exists.")
+            await tell(interaction, "That job no longer exists.")
             return
         try:
-            self.bot.guard.check_job_access(
-                interaction, job, get_channel=self.bot.get_channel, reveals=action != "cancel"
+            self.guard.check_job_access(
+                interaction,
+                job,
+                get_channel=self.client.get_channel,
+                reveals=action is not ButtonAction.CANCEL,
             )
             match action:
-                case "cancel":
+                case ButtonAction.CANCEL:
                     await self._cancel(interaction, job)
-                case "del":
+                case ButtonAction.DELETE:
                     await self._delete(interaction, job)
-                case "reroll":
+                case ButtonAction.REROLL:
                     await self._reroll(interaction, job)
-                case "up" | "var":
+                case ButtonAction.UPSCALE | ButtonAction.VARIATION:
                     await self._from_image(interaction, job, action, index or 1)
         except (Refusal, sqlite3.OperationalError) as exc:
             await self.tell_refusal(interaction, exc, f"button {action} on job {job_id}")
@@ -158,28 +222,28 @@ class JobActions:
         Returns `JobQueue.cancel`'s outcome: "cancelled", "requested" (running: stops at its next
         step) or "not_open"; `cancel_text` words it.
         """
-        outcome = await self.bot.queue.cancel(job.id)
+        outcome = await self.queue.cancel(job.id)
         if outcome == "cancelled":
-            cancelled = await self.bot.queue.get(job.id)
+            cancelled = await self.queue.get(job.id)
             if cancelled is not None:
                 # if Discord fails here, the notice stays owed and the worker's sweep shows it
-                await self.bot.delivery.notify(cancelled)
-                self.bot.ops.job_finished(cancelled)  # never reached the worker: count it here
+                await self.delivery.notify(cancelled)
+                self.ops.job_finished(cancelled)  # never reached the worker: count it here
             log_job_event(log, job.id, job.user_id, "cancelled")
         elif outcome == "requested":
-            self.bot.worker.request_cancel(job.id)
+            self.worker.request_cancel(job.id)
         return outcome
 
     async def _cancel(self, interaction: discord.Interaction, job: Job) -> None:
         if interaction.user.id != job.user_id:
             raise Refusal("Only the person who asked for this job can cancel it.")
-        await self._tell(interaction, cancel_text(job.id, await self.cancel_job(job)))
+        await tell(interaction, cancel_text(job.id, await self.cancel_job(job)))
 
     async def _delete(self, interaction: discord.Interaction, job: Job) -> None:
         perms = interaction.permissions
         if interaction.user.id != job.user_id and not perms.manage_messages:
             raise Refusal("Only the requester or a moderator can delete this.")
-        if interaction.message is not None and not _names_job(interaction.message, job.id):
+        if interaction.message is not None and not names_job(interaction.message, job.id):
             raise Refusal("That button doesn't belong to this message.")
         if interaction.message is not None:
             try:
@@ -189,16 +253,16 @@ class JobActions:
             except discord.Forbidden:
                 raise Refusal("I can't delete that message here.") from None
         log.info("result deleted", extra={"job_id": job.id, "user_id": interaction.user.id})
-        await self._tell(interaction, "Deleted.")
+        await tell(interaction, "Deleted.")
 
     async def _reroll(self, interaction: discord.Interaction, job: Job) -> None:
         if job.kind == JobKind.UPSCALE:
             raise Refusal("An upscale can't be rerolled.")
         params = GenerationParams.from_dict(job.params).with_seed(random_seed())
-        params = await self.bot.guard.check_request(interaction, params)
+        params = await self.guard.check_request(interaction, params)
         extra = job_extras(job)  # an upload's source and strength, the hires fix
         if job.kind == JobKind.VARIATION:
-            await self._submit(
+            await self.submit(
                 interaction,
                 kind=JobKind.VARIATION,
                 params=params,
@@ -208,7 +272,7 @@ class JobActions:
                 extra=extra,
             )
         else:
-            await self._submit(
+            await self.submit(
                 interaction,
                 kind=JobKind.TXT2IMG,
                 params=params,
@@ -217,14 +281,16 @@ class JobActions:
                 extra=extra,
             )
 
-    async def _from_image(self, interaction: discord.Interaction, job: Job, action: str, number: int) -> None:
+    async def _from_image(
+        self, interaction: discord.Interaction, job: Job, action: ButtonAction, number: int
+    ) -> None:
         if job.status != JobStatus.DONE:
             raise Refusal("That job has no finished images.")
         if not 1 <= number <= len(job.seeds):
             raise Refusal("There is no such image on that job.")
         base = GenerationParams.from_dict(job.params)
-        base = await self.bot.guard.check_request(interaction, base)
-        if action == "up":
+        base = await self.guard.check_request(interaction, base)
+        if action is ButtonAction.UPSCALE:
             kind, params = JobKind.UPSCALE, base.single(number - 1)
         else:
             kind, params = JobKind.VARIATION, replace(base.with_seed(random_seed()), count=base.count)
@@ -232,7 +298,7 @@ class JobActions:
             if hires:  # vary the hires picture at its own size (in the multiples of 64 offered)
                 width, height = hires_size(base.width, base.height, float(hires["scale"]))
                 params = replace(params, width=max(64, width // 64 * 64), height=max(64, height // 64 * 64))
-        await self._submit(
+        await self.submit(
             interaction,
             kind=kind,
             params=params,
@@ -243,7 +309,7 @@ class JobActions:
 
     # --- shared -------------------------------------------------------------------------------
 
-    async def _submit(
+    async def submit(
         self,
         interaction: discord.Interaction,
         *,
@@ -257,22 +323,26 @@ class JobActions:
         note: str | None = None,
     ) -> Job | None:
         """Enqueue and announce; returns the job (None when refused). `extra`: params keys beyond
-        GenerationParams (bot.member_images: source, strength, hires); `note` leads the answer."""
+        GenerationParams (bot.discord_ui.member_images: source, strength, hires); `note` leads the answer."""
         extra = extra or {}
         missing = missing_permissions(interaction.app_permissions)
         if missing:
-            await self._tell(
+            await tell(
                 interaction, f"I can't post results here: I'm missing {', '.join(missing)} in this channel."
             )
             return None
-        queue = self.bot.queue
+        channel_id = interaction.channel_id
+        if channel_id is None:  # Discord names the channel of every interaction from a guild
+            await tell(interaction, "I can't post results here.")
+            return None
+        queue = self.queue
         try:
             if policy is None:
-                policy = await self.bot.guard.policy(interaction.guild_id)
+                policy = await self.guard.policy(interaction.guild_id)
             job, created = await queue.enqueue(
                 kind=kind,
                 params={**params.to_dict(), **extra},
-                channel_id=interaction.channel_id,
+                channel_id=channel_id,
                 user_id=interaction.user.id,
                 guild_id=interaction.guild_id or 0,
                 interaction_id=interaction.id,
@@ -283,24 +353,24 @@ class JobActions:
                 limits=policy.limits,
             )
         except QueueFull as exc:
-            await self._tell(interaction, await self._queue_full_text(exc, interaction.user.id))
+            await tell(interaction, await self._queue_full_text(exc, interaction.user.id))
             return None
         except sqlite3.OperationalError as exc:
             log.error("enqueue failed: %s", exc)
-            await self._tell(interaction, BUSY)
+            await tell(interaction, BUSY)
             return None
         position = await queue.position(job.id)
         eta = await queue.eta_seconds(job.id)
         if created:
             log_job_event(log, job.id, job.user_id, "queued", kind=str(job.kind))
             try:
-                await self.bot.delivery.post_status(job, position, eta)
+                await self.delivery.post_status(job, position, eta)
             except discord.HTTPException as exc:
                 log.warning("could not post status for job %s: %s", job.id, exc)
-            self.bot.worker.wake()
+            self.worker.wake()
         where = f"position {position}" if position else "starting now"
-        unavailable = self.bot.engine_notice()
-        await self._tell(
+        unavailable = engine_notice(self.engine)
+        await tell(
             interaction,
             (f"{note}\n" if note else "")
             + f"Queued as job #{job.id}: {where}, about {format_duration(eta)}."
@@ -314,8 +384,8 @@ class JobActions:
             return f"The queue is full right now; try again in about {format_duration(exc.retry_after)}."
         if exc.kind == "user":
             etas = []
-            for job in await self.bot.queue.open_jobs(user_id):
-                eta = await self.bot.queue.eta_seconds(job.id)
+            for job in await self.queue.open_jobs(user_id):
+                eta = await self.queue.eta_seconds(job.id)
                 if eta is not None:
                     etas.append(eta)
             if etas:
@@ -327,21 +397,7 @@ class JobActions:
         (`sqlite3.OperationalError`, logged as "`what` failed"). Nothing was queued."""
         if isinstance(exc, sqlite3.OperationalError):
             log.error("%s failed: %s", what, exc)
-            await self._tell(interaction, BUSY)
-        else:
-            await self._tell(interaction, str(exc))
-
-    async def _tell(self, interaction: discord.Interaction, text: str) -> None:
-        try:
-            await interaction.followup.send(text, ephemeral=True)
-        except discord.HTTPException as exc:
-            log.warning("could not answer interaction: %s", exc)
-
-
-def _names_job(message: discord.Message, job_id: int) -> bool:
-    """True when one of the message's embeds has the job's footer."""
-    footer = footer_text(job_id)
-    return any(e.footer and e.footer.text == footer for e in message.embeds)
+        await tell(interaction, refusal_text(exc))
 
 
 def cancel_text(job_id: int, outcome: str) -> str:

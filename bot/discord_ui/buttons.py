@@ -7,54 +7,77 @@ looked up in the database and every action re-checks who may do it.
 
 from __future__ import annotations
 
+import enum
+import logging
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import discord
 
-ACTIONS = ("reroll", "edit", "up", "var", "del", "cancel")
+log = logging.getLogger(__name__)
+
+
+class ButtonAction(enum.StrEnum):
+    """What a job button does; the value is its part of the custom_id (never change one: buttons
+    on messages posted long ago carry it)."""
+
+    REROLL = "reroll"
+    EDIT = "edit"
+    UPSCALE = "up"
+    VARIATION = "var"
+    DELETE = "del"
+    CANCEL = "cancel"
+
+
 CUSTOM_ID_PREFIX = "pony:"
-TEMPLATE = r"pony:(?P<action>reroll|edit|up|var|del|cancel):(?P<job>[0-9]{1,18})(?::(?P<index>[1-9]))?"
+TEMPLATE = rf"pony:(?P<action>{'|'.join(ButtonAction)}):(?P<job>[0-9]{{1,18}})(?::(?P<index>[1-9]))?"
 
 _STYLES = {
-    "reroll": discord.ButtonStyle.primary,
-    "edit": discord.ButtonStyle.secondary,
-    "up": discord.ButtonStyle.secondary,
-    "var": discord.ButtonStyle.secondary,
-    "del": discord.ButtonStyle.danger,
-    "cancel": discord.ButtonStyle.danger,
+    ButtonAction.REROLL: discord.ButtonStyle.primary,
+    ButtonAction.EDIT: discord.ButtonStyle.secondary,
+    ButtonAction.UPSCALE: discord.ButtonStyle.secondary,
+    ButtonAction.VARIATION: discord.ButtonStyle.secondary,
+    ButtonAction.DELETE: discord.ButtonStyle.danger,
+    ButtonAction.CANCEL: discord.ButtonStyle.danger,
 }
 
 
-def button_label(action: str, index: int | None) -> str:
+def button_label(action: ButtonAction, index: int | None) -> str:
     """What the user sees on the button: Reroll, Edit, U1, V2, Delete, Cancel."""
     match action:
-        case "reroll":
+        case ButtonAction.REROLL:
             return "Reroll"
-        case "edit":
+        case ButtonAction.EDIT:
             return "Edit"
-        case "up":
+        case ButtonAction.UPSCALE:
             return f"U{index}"
-        case "var":
+        case ButtonAction.VARIATION:
             return f"V{index}"
-        case "del":
+        case ButtonAction.DELETE:
             return "Delete"
-        case _:
+        case ButtonAction.CANCEL:
             return "Cancel"
 
 
-def custom_id(action: str, job_id: int, index: int | None = None) -> str:
-    """The custom_id for a button (<= 100 characters)."""
-    return f"pony:{action}:{job_id}" + (f":{index}" if index is not None else "")
+def custom_id(action: ButtonAction, job_id: int, index: int | None = None) -> str:
+    """The custom_id for a button (<= 100 characters): `pony:<action>:<job id>[:<image number>]`."""
+    return f"pony:{action.value}:{job_id}" + (f":{index}" if index is not None else "")
 
 
-def parse_custom_id(value: str) -> tuple[str, int, int | None] | None:
+def parse_custom_id(value: str) -> tuple[ButtonAction, int, int | None] | None:
     """(action, job id, image number) or None when the id is not a valid ponybot button."""
     match = re.fullmatch(TEMPLATE, value)
     if match is None:
         return None
     index = match["index"]
-    return match["action"], int(match["job"]), int(index) if index else None
+    return ButtonAction(match["action"]), int(match["job"]), int(index) if index else None
+
+
+def interaction_custom_id(interaction: discord.Interaction) -> str:
+    """The custom_id of a pressed component or a submitted modal ("" for other interactions)."""
+    data: Mapping[str, object] = interaction.data or {}
+    return str(data.get("custom_id", ""))
 
 
 def on_message(message: discord.Message | None, custom_id: str) -> bool:
@@ -71,10 +94,21 @@ def on_message(message: discord.Message | None, custom_id: str) -> bool:
     return False
 
 
+@runtime_checkable
+class JobButtonHandler(Protocol):
+    """The client that answers job button presses (bot.discord_ui.client.PonyBot)."""
+
+    async def job_button_pressed(self, interaction: discord.Interaction, button: JobButton) -> None:
+        """Do what the pressed button says."""
+        ...
+
+
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
     """Reroll, Edit, U<n>, V<n>, Delete and Cancel on a job's message."""
 
-    def __init__(self, action: str, job_id: int, index: int | None = None, *, row: int | None = None):
+    def __init__(
+        self, action: ButtonAction, job_id: int, index: int | None = None, *, row: int | None = None
+    ):
         super().__init__(
             discord.ui.Button(
                 label=button_label(action, index),
@@ -92,15 +126,15 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=TEMPLATE):
         cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
     ) -> JobButton:
         index = match["index"]
-        return cls(match["action"], int(match["job"]), int(index) if index else None)
+        return cls(ButtonAction(match["action"]), int(match["job"]), int(index) if index else None)
 
-    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
-        if self.action == "edit":  # answered with a modal, which can't follow a defer
-            await interaction.client.images.open_edit(interaction, self.job_id)  # type: ignore[attr-defined]
-            return
-        await interaction.client.actions.on_button(  # type: ignore[attr-defined]
-            interaction, self.action, self.job_id, self.index
-        )
+    async def callback(self, interaction: discord.Interaction) -> None:
+        """Hand the press to the client (`JobButtonHandler`)."""
+        client = interaction.client
+        if isinstance(client, JobButtonHandler):
+            await client.job_button_pressed(interaction, self)
+        else:
+            log.error("job button pressed on a client that can't answer it: %s", type(client).__name__)
 
 
 def result_view(job_id: int, image_count: int, *, can_vary: bool = True) -> discord.ui.View:
@@ -110,19 +144,19 @@ def result_view(job_id: int, image_count: int, *, can_vary: bool = True) -> disc
     """
     view = discord.ui.View(timeout=None)
     if can_vary:
-        view.add_item(JobButton("reroll", job_id, row=0))
-        view.add_item(JobButton("edit", job_id, row=0))
-    view.add_item(JobButton("del", job_id, row=0))
+        view.add_item(JobButton(ButtonAction.REROLL, job_id, row=0))
+        view.add_item(JobButton(ButtonAction.EDIT, job_id, row=0))
+    view.add_item(JobButton(ButtonAction.DELETE, job_id, row=0))
     if can_vary:
         for n in range(1, image_count + 1):
-            view.add_item(JobButton("up", job_id, n, row=1))
+            view.add_item(JobButton(ButtonAction.UPSCALE, job_id, n, row=1))
         for n in range(1, image_count + 1):
-            view.add_item(JobButton("var", job_id, n, row=2))
+            view.add_item(JobButton(ButtonAction.VARIATION, job_id, n, row=2))
     return view
 
 
 def status_view(job_id: int) -> discord.ui.View:
     """The Cancel button under a status message."""
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton("cancel", job_id))
+    view.add_item(JobButton(ButtonAction.CANCEL, job_id))
     return view

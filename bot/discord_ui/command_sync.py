@@ -1,11 +1,12 @@
 """Slash-command registration and sync: send the command schema to Discord only when it changed.
 
-`add_commands` puts every ponybot command on a `CommandTree`. `sync_commands` hashes the payload
-that `CommandTree.sync` would send (the same `to_dict` per command, translated when the tree has a
-translator) and compares it with the hash stored in `app_state` after the last successful sync of
-the same application and scope (global, or one guild); only a changed schema (or `force=True`,
-`ponybot sync`) is sent. A sync that Discord refuses raises `CommandSyncRefused` with one line that
-names the command and the field.
+`add_commands` puts every ponybot command on a `CommandTree`, bound to the bot's `Services`.
+`sync_commands` hashes the payload that `CommandTree.sync` would send (the same `to_dict` per
+command, translated when the tree has a translator) and compares it with the hash stored in
+`app_state` after the last successful sync of the same application and scope (global, or one
+guild); only a changed schema (or `force=True`: `ponybot sync`, `bot.app.sync_now`) is sent. A
+sync that Discord refuses raises `CommandSyncRefused` with one line that names the command and
+the field.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from bot.config import Settings
 from bot.discord_ui.commands.admin import admin_group
 from bot.discord_ui.commands.info import info_commands
 from bot.discord_ui.commands.member import member_commands
 from bot.discord_ui.commands.pony import pony_command
 from bot.discord_ui.member_images import recreate_command
+from bot.discord_ui.services import Services
 from bot.jobs.app_state import AppState
 
 __all__ = [
@@ -52,13 +53,14 @@ class SyncResult:
     where: str  # "globally" or "to guild <id>"
 
 
-def add_commands(tree: app_commands.CommandTree, settings: Settings) -> discord.Object | None:
-    """Add every ponybot command to `tree`; returns the guild to sync to (DISCORD_GUILD_ID), if any,
-    after copying the global commands to it."""
-    tree.add_command(pony_command(settings))
-    tree.add_command(recreate_command())  # message command: Re-create with ponybot
-    tree.add_command(admin_group(settings))
-    for command in [*member_commands(settings), *info_commands(settings)]:
+def add_commands(tree: app_commands.CommandTree, services: Services) -> discord.Object | None:
+    """Add every ponybot command to `tree`, served by `services`; returns the guild to sync to
+    (DISCORD_GUILD_ID), if any, after copying the global commands to it."""
+    settings = services.settings
+    tree.add_command(pony_command(settings, services.actions))
+    tree.add_command(recreate_command(services.member_images))  # message command: Re-create with ponybot
+    tree.add_command(admin_group(services))
+    for command in [*member_commands(services), *info_commands(settings)]:
         tree.add_command(command)
     if not settings.discord_guild_id:
         return None
@@ -164,28 +166,3 @@ def describe_sync_failure(exc: discord.HTTPException, payload: list[Any]) -> str
     detail = "; ".join(parts) or exc.text or "no details"
     line = f"Discord refused the slash commands (HTTP {exc.status}, code {exc.code}): {detail}"
     return " ".join(line.split())
-
-
-async def sync_now(settings: Settings) -> SyncResult:
-    """`ponybot sync`: log in over REST only (no gateway), sync the commands even if unchanged, and
-    remember the schema so the next `ponybot run` does not send it again."""
-    from bot.discord_ui.client import point_discord_at
-    from bot.jobs.queue import JobQueue, QueueLimits
-
-    if settings.discord_token is None:
-        raise ValueError("DISCORD_TOKEN is not set")
-    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
-    queue = await JobQueue.open(
-        settings.db_path, QueueLimits.from_settings(settings), busy_timeout_ms=settings.db_busy_timeout_ms
-    )
-    try:
-        client = discord.Client(intents=discord.Intents.none())
-        tree: app_commands.CommandTree = app_commands.CommandTree(client)
-        guild = add_commands(tree, settings)
-        async with client:
-            await client.login(settings.discord_token.get_secret_value())
-            return await sync_commands(
-                tree, AppState(queue), application_id=client.application_id or 0, guild=guild, force=True
-            )
-    finally:
-        await queue.close()

@@ -21,16 +21,16 @@ from typing import Any
 import discord
 
 from bot.discord_ui import messages
-from bot.discord_ui.buttons import result_view, status_view
-from bot.discord_ui.upload import fit_images
+from bot.discord_ui.buttons import status_view
+from bot.discord_ui.result_message import build_result_message
 from bot.jobs.db import retrying
-from bot.jobs.queue import Job, JobKind, JobQueue, JobStatus
+from bot.jobs.models import NOTICE_STATUSES, Job, JobStatus
+from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE_LIMIT = 10 * 1024 * 1024
-MESSAGE_FILES_LIMIT = 25 * 1024 * 1024
 #: how far before a job's creation the history search for its message starts (clock skew)
 HISTORY_SLACK_S = 60.0
 #: how often a result is shrunk and re-sent after Discord answers 413 (file too large)
@@ -38,7 +38,6 @@ SHRINK_TRIES = 8
 #: 4xx answers that are worth retrying: request timeout, rate limited (after discord.py's own tries)
 _TRANSIENT_4XX = frozenset({408, 429})
 #: the statuses whose outcome is a failure/cancel notice rather than images
-NOTICE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD})
 
 
 def is_permanent(exc: Exception) -> bool:
@@ -97,13 +96,12 @@ class Delivery:
         Reads every message since the job was created (not just the latest page), oldest first.
         """
         channel = self._channel(job)
-        footer = messages.footer_text(job.id)
         me = self.client.user
         since = datetime.fromtimestamp(max(job.created_at - HISTORY_SLACK_S, 0), UTC)
         async for message in channel.history(limit=None, after=since, oldest_first=True):
             if me is not None and message.author.id != me.id:
                 continue
-            if any(e.footer and e.footer.text == footer for e in message.embeds):
+            if messages.names_job(message, job.id):
                 return message
         return None
 
@@ -197,20 +195,15 @@ class Delivery:
 
     async def _deliver_locked(self, job: Job) -> None:
         paths = [self.images_dir / name for name in job.result_files]
-        loop = asyncio.get_running_loop()
         limit = self.file_limit(job)
-        view = result_view(job.id, len(paths), can_vary=job.kind != JobKind.UPSCALE)
         for _ in range(SHRINK_TRIES):
             try:
-                fitted = await loop.run_in_executor(None, fit_images, paths, limit, MESSAGE_FILES_LIMIT)
+                post = await build_result_message(job, paths, limit)
             except OSError as exc:
                 await self._give_up(job, f"The images could not be read back ({exc.strerror or exc}).")
                 return
-            embed = messages.result_embed(job, fitted.size)
-            if fitted.note:
-                embed.add_field(name="Note", value=fitted.note, inline=False)
             try:
-                message = await self._post_or_edit(job, embed=embed, files=fitted.files, view=view)
+                message = await self._post_or_edit(job, embed=post.embed, files=post.files, view=post.view)
                 break
             except discord.HTTPException as exc:
                 if exc.status != 413:
@@ -219,7 +212,7 @@ class Delivery:
                         return
                     raise  # passing (5xx, 429 after discord.py's retries): the worker's sweep retries
                 # the channel's real limit is lower than we thought: halve the largest file and retry
-                limit = min(limit, max(fitted.sizes)) // 2
+                limit = min(limit, max(post.sizes)) // 2
                 log.warning("upload too large for job %s; retrying under %d bytes", job.id, limit)
         else:
             await self._give_up(job, "The images were too large for this channel even after shrinking them.")

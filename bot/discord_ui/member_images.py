@@ -7,7 +7,10 @@ with an explicit pixel check before the pixels are decoded (decompression bombs)
 source is re-encoded as a PNG (metadata dropped) at `<images>/uploads/<interaction id>.png` and
 the job (kind `variation`, no parent) names it in its params (`source`, `strength`), so the job
 survives restarts and Reroll/Edit run it again. The worker screens the source through the
-image filter before drawing from it (`load_source`).
+image filter before drawing from it (`bot.runtime.sources.load_source`).
+
+`ImageOptions` handles /pony's image, strength and hires options for `JobActions`;
+`MemberImages` holds the Edit and Re-create use cases, which queue through `JobActions`.
 
 Every refusal is a short ephemeral message (`ImageRefused`) and queues nothing.
 """
@@ -18,34 +21,34 @@ import asyncio
 import io
 import logging
 import math
-import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import discord
 from discord import app_commands
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bot.discord_ui.actions import BUSY, Refusal
+from bot.config import Settings
+from bot.discord_ui.actions import JobActions, validate_params
+from bot.discord_ui.buttons import interaction_custom_id
+from bot.discord_ui.replies import tell
+from bot.errors import Refusal, refusal_text
 from bot.jobs.extras import hires_extra, job_extras
-from bot.jobs.queue import Job, JobKind
-from bot.policy.guard import channel_is_nsfw
+from bot.jobs.models import Job, JobKind
+from bot.jobs.queue import JobQueue
+from bot.policy.guard import Guard, Policy, channel_is_nsfw
 from bot.policy.text import clean_prompt, escape_for_discord
-from generator.errors import GeneratorError, InvalidParams
+from bot.runtime.engine import Engine
+from bot.runtime.sources import UPLOADS_DIR, save_source
+from generator.errors import InvalidParams
 from generator.hires import MAX_HIRES_SCALE, MIN_HIRES_SCALE
 from generator.params import ASPECTS, MAX_PROMPT_CHARS, MAX_SEED, GenerationParams, aspect_size, random_seed
 from generator.samplers import SAMPLER_NAMES, schedule_error
-
-if TYPE_CHECKING:
-    from bot.discord_ui.client import PonyBot
-    from bot.policy.guard import Policy
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 25_000_000
 DOWNLOAD_TIMEOUT_S = 30.0
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-UPLOADS_DIR = "uploads"
 MIN_STRENGTH = 0.05
 EDIT_PREFIX = "pony:edit:"
 EDIT_TEMPLATE = re.compile(r"pony:edit:(?P<job>[0-9]{1,18})")
@@ -78,6 +80,7 @@ def _mib(n: int) -> str:
 
 
 def too_large_text() -> str:
+    """The refusal for an upload over the byte or pixel cap."""
     return f"That image is too large; at most {_mib(MAX_UPLOAD_BYTES)} and {MAX_UPLOAD_PIXELS:,} pixels."
 
 
@@ -155,53 +158,6 @@ def nearest_aspect(width: int, height: int) -> str:
     """The offered aspect (ASPECTS) whose shape is closest to width x height."""
     ratio = math.log(width / height)
     return min(ASPECTS, key=lambda name: abs(math.log(ASPECTS[name][0] / ASPECTS[name][1]) - ratio))
-
-
-def save_source(images_dir: Path, key: int, image: Image.Image) -> str:
-    """Write an upload as `uploads/<key>.png` (atomic); returns the path relative to `images_dir`."""
-    rel = f"{UPLOADS_DIR}/{key}.png"
-    path = images_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return rel
-
-
-def source_path(images_dir: Path, job: Job) -> Path | None:
-    """The uploaded source a job names (`params["source"]`), kept inside the images folder."""
-    rel = job.params.get("source")
-    if not isinstance(rel, str) or not rel:
-        return None
-    path = Path(rel)
-    if path.is_absolute() or ".." in path.parts or path.parts[:1] != (UPLOADS_DIR,):
-        return None
-    return images_dir / path
-
-
-async def load_source(images_dir: Path, job: Job, screen: Any, executor: Any = None) -> Image.Image:
-    """The worker's source for an uploaded-image job: read, then screened by the image filter.
-
-    Raises GeneratorError when the file is gone or the filter hid it (nothing is drawn from it).
-    """
-    path = source_path(images_dir, job)
-    if path is None or not path.exists():
-        raise GeneratorError("The uploaded image is no longer kept; upload it again.")
-    loop = asyncio.get_running_loop()
-    image = await loop.run_in_executor(executor, lambda: Image.open(path).convert("RGB"))
-    if screen is not None:
-        holder = SimpleNamespace(images=[SimpleNamespace(image=image)])
-        await screen(job, holder)
-        if holder.images[0].image is not image:
-            raise GeneratorError("The image filter hid your uploaded image, so nothing was drawn from it.")
-    return image
 
 
 # --- the Edit modal -----------------------------------------------------------------------------
@@ -302,11 +258,11 @@ def found_text(
     return "\n".join(lines)
 
 
-def recreate_command() -> app_commands.ContextMenu:
+def recreate_command(images: MemberImages) -> app_commands.ContextMenu:
     """The message command "Re-create with ponybot" (right-click a message > Apps)."""
 
     async def recreate(interaction: discord.Interaction, message: discord.Message) -> None:
-        await interaction.client.images.recreate(interaction, message)  # type: ignore[attr-defined]
+        await images.recreate(interaction, message)
 
     return app_commands.guild_only(app_commands.ContextMenu(name=RECREATE_NAME, callback=recreate))
 
@@ -314,19 +270,17 @@ def recreate_command() -> app_commands.ContextMenu:
 # --- use cases ----------------------------------------------------------------------------------
 
 
-class MemberImages:
-    """The issue #14 use cases; refusals and the queued answer go through `JobActions`."""
+class ImageOptions:
+    """/pony's `image`, `strength`, `hires` and `hires_scale` options (`JobActions`' PonyExtras)."""
 
-    def __init__(self, bot: PonyBot):
-        self.bot = bot
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
     def forget_source(self, rel: str) -> None:
         """Delete a saved upload whose job was refused (best effort)."""
         path = Path(rel)
         if path.parts[:1] == (UPLOADS_DIR,) and ".." not in path.parts:
-            (self.bot.settings.images_dir / path).unlink(missing_ok=True)
-
-    # /pony image: and hires: ------------------------------------------------------------------
+            (self.settings.images_dir / path).unlink(missing_ok=True)
 
     async def pony_extras(
         self,
@@ -340,7 +294,7 @@ class MemberImages:
         aspect: str | None,
     ) -> tuple[JobKind, GenerationParams, dict[str, Any], str | None]:
         """(kind, params, extra params, note) for /pony's image/strength/hires options."""
-        s = self.bot.settings
+        s = self.settings
         want_hires = bool(hires) or (hires is None and hires_scale is not None)
         if image is None:
             if strength is not None:
@@ -354,27 +308,47 @@ class MemberImages:
         picture, _ = await fetch_image(image)
         if aspect is None:
             width, height = aspect_size(nearest_aspect(*picture.size), s.base_resolution)
-            params = self.bot.actions.validate_params(replace(params, width=width, height=height))
+            params = validate_params(s, replace(params, width=width, height=height))
         key = interaction.id
         rel = await asyncio.to_thread(save_source, s.images_dir, key, picture)
         value = s.variation_strength if strength is None else float(strength)
         return JobKind.VARIATION, params, {"source": rel, "strength": value}, None
 
+
+class MemberImages:
+    """The Edit and Re-create use cases; refusals and the queued answer go through `JobActions`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: JobQueue,
+        engine: Engine,
+        guard: Guard,
+        actions: JobActions,
+        client: discord.Client,
+    ):
+        self.settings = settings
+        self.queue = queue
+        self.engine = engine
+        self.guard = guard
+        self.actions = actions
+        self.client = client
+
     # Edit -------------------------------------------------------------------------------------
 
     async def open_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         """The Edit button: answer with the prefilled modal (a modal can't follow a defer)."""
-        job = await self.bot.queue.get(job_id)
+        job = await self.queue.get(job_id)
         try:
             if job is None:
                 raise Refusal("That job no longer exists.")
-            self.bot.guard.check_job_access(interaction, job, get_channel=self.bot.get_channel)
+            self.guard.check_job_access(interaction, job, get_channel=self.client.get_channel)
             if job.kind == JobKind.UPSCALE:
                 raise Refusal("An upscale can't be edited.")
-            policy = await self.bot.guard.policy(interaction.guild_id)
+            policy = await self.guard.policy(interaction.guild_id)
         except (Refusal, sqlite3.OperationalError) as exc:
-            text = BUSY if isinstance(exc, sqlite3.OperationalError) else str(exc)
-            await interaction.response.send_message(text, ephemeral=True)
+            await tell(interaction, refusal_text(exc))  # not deferred: the answer is the response
             return
         default = (
             policy.nsfw_default_negative if channel_is_nsfw(interaction.channel) else policy.default_negative
@@ -384,22 +358,21 @@ class MemberImages:
 
     async def submit_edit(self, interaction: discord.Interaction) -> None:
         """The Edit form was sent: queue the job again with the changed values."""
-        actions = self.bot.actions
-        custom_id = str((interaction.data or {}).get("custom_id", ""))
-        match = EDIT_TEMPLATE.fullmatch(custom_id)
+        actions = self.actions
+        match = EDIT_TEMPLATE.fullmatch(interaction_custom_id(interaction))
         if match is None:
             await interaction.response.send_message("That form isn't valid.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         values = modal_values(dict(interaction.data or {}))
-        job = await self.bot.queue.get(int(match["job"]))
+        job = await self.queue.get(int(match["job"]))
         try:
             if job is None:
                 raise Refusal("That job no longer exists.")
-            self.bot.guard.check_job_access(interaction, job, get_channel=self.bot.get_channel)
+            self.guard.check_job_access(interaction, job, get_channel=self.client.get_channel)
             if job.kind == JobKind.UPSCALE:
                 raise Refusal("An upscale can't be edited.")
-            policy = await self.bot.guard.admit(interaction)
+            policy = await self.guard.admit(interaction)
             seed_text = values.get("seed", "").strip()
             seed = random_seed() if not seed_text else parse_whole(seed_text, "Seed", 0, MAX_SEED)
             steps = parse_whole(values.get("steps", ""), "Steps", 1, policy.max_steps)
@@ -412,7 +385,7 @@ class MemberImages:
                 steps=steps,
             )
             params = actions.validate_params(params, policy)
-            params = await self.bot.guard.check_request(interaction, params, policy)
+            params = await self.guard.check_request(interaction, params, policy)
         except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
             await actions.tell_refusal(interaction, exc, "guard check")
             return
@@ -421,7 +394,7 @@ class MemberImages:
             parent_id, image_index = job.parent_id, job.image_index
         else:
             parent_id, image_index = job.id, None
-        await actions._submit(
+        await actions.submit(
             interaction,
             kind=job.kind,
             params=params,
@@ -436,10 +409,10 @@ class MemberImages:
 
     async def recreate(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """Read A1111 parameters from the message's PNG, show them, and queue them."""
-        actions = self.bot.actions
+        actions = self.actions
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            policy = await self.bot.guard.admit(interaction)
+            policy = await self.guard.admit(interaction)
             attachment = _first_png(message)
             if attachment is None:
                 raise Refusal(NO_PNG)
@@ -447,7 +420,7 @@ class MemberImages:
             if not text or not text.strip():
                 raise Refusal(NO_PARAMETERS)
             params, hires, notes = self._params_from_text(text, policy)
-            params = await self.bot.guard.check_request(interaction, params, policy)
+            params = await self.guard.check_request(interaction, params, policy)
         except (InvalidParams, Refusal, sqlite3.OperationalError) as exc:
             await actions.tell_refusal(interaction, exc, "guard check")
             return
@@ -455,14 +428,14 @@ class MemberImages:
         if hires is not None:
             try:
                 extra, note = hires_extra(
-                    params, hires, self.bot.settings.hires_strength, self.bot.settings.max_pixels
+                    params, hires, self.settings.hires_strength, self.settings.max_pixels
                 )
             except InvalidParams as exc:
                 extra, note = {}, f"Hires fix left out: {exc}"
             if note:
                 notes.append(note)
         shown = found_text(attachment.filename, params, extra.get("hires"), notes)
-        await actions._submit(
+        await actions.submit(
             interaction, kind=JobKind.TXT2IMG, params=params, policy=policy, extra=extra, note=shown
         )
 
@@ -472,7 +445,7 @@ class MemberImages:
         """GenerationParams (validated) from A1111 text, what could not be kept noted; the hires scale."""
         from generator.metadata import parse_parameters
 
-        s = self.bot.settings
+        s = self.settings
         parsed = parse_parameters(text)
         prompt = clean_prompt(parsed.get("prompt") or "")
         if not prompt.strip():
@@ -505,7 +478,7 @@ class MemberImages:
             seed = random_seed()
             notes.append("No usable seed; using a random one.")
         clip_skip = parsed.get("clip_skip") or 1
-        generator = self.bot.engine.generator
+        generator = self.engine.generator
         model_hash = parsed.get("model_hash")
         if (
             model_hash
@@ -528,7 +501,7 @@ class MemberImages:
             clip_skip=min(max(int(clip_skip), 1), 12),
             schedule=schedule,
         )
-        params = self.bot.actions.validate_params(params, policy)
+        params = validate_params(s, params, policy)
         hires = None
         raw = (parsed.get("extra") or {}).get("Hires upscale")
         if raw:

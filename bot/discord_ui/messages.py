@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import discord
 
-from bot.jobs.queue import Job, JobKind, JobStatus
-from bot.policy.text import escape_for_discord
+from bot.jobs.models import Job, JobKind, JobStatus
+from bot.policy.text import escape_for_discord, format_duration
 from generator.errors import InvalidParams
 from generator.params import GenerationParams
 from generator.prompt_syntax import parse_prompt, prompt_notes
@@ -28,15 +28,10 @@ def footer_text(job_id: int) -> str:
     return f"ponybot job #{job_id}"
 
 
-def format_duration(seconds: float | None) -> str:
-    """'about 1 min 20 s' style, short."""
-    if seconds is None:
-        return "unknown"
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, secs = divmod(seconds, 60)
-    return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+def names_job(message: discord.Message, job_id: int) -> bool:
+    """True when one of the message's embeds has the job's footer (`footer_text`)."""
+    footer = footer_text(job_id)
+    return any(embed.footer.text == footer for embed in message.embeds)
 
 
 def _base(job: Job, title: str, colour: discord.Colour) -> discord.Embed:

@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
 
 import discord
 
 from bot.config import Settings
-from bot.jobs.queue import Job
+from bot.jobs.models import Job
 from bot.policy.guard import channel_is_nsfw
 from bot.runtime.engine import Engine
+from bot.runtime.postprocess import ScreenedImages
 from generator.errors import ModelLoadError
 from generator.safety import notice_image
+
+if TYPE_CHECKING:
+    from generator.safety import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class OutputFilter:
         self.engine = engine
         self.client = client
         self.error: str | None = None
-        self._classifier: Any = None
+        self._classifier: ImageClassifier | None = None
         self._lock = asyncio.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponybot-filter")
 
@@ -44,7 +48,7 @@ class OutputFilter:
         channel = self.client.get_channel(job.channel_id)
         return channel is None or not channel_is_nsfw(channel)
 
-    def _load(self) -> Any:
+    def _load(self) -> ImageClassifier:
         from generator.safety import ImageClassifier
 
         generator = self.engine.generator
@@ -57,7 +61,7 @@ class OutputFilter:
             device="cpu" if device == "mps" else device,
         )
 
-    async def classifier(self) -> Any:
+    async def classifier(self) -> ImageClassifier | None:
         """The loaded classifier, or None when it can't load (then `error` says why)."""
         async with self._lock:
             if self._classifier is None and self.error is None:
@@ -72,7 +76,7 @@ class OutputFilter:
                     )
             return self._classifier
 
-    async def screen(self, job: Job, result: Any) -> None:
+    async def screen(self, job: Job, result: ScreenedImages) -> None:
         """Replace flagged images of `result` in place, unless the job's channel is age-restricted."""
         if not self.applies_to(job) or not result.images:
             return

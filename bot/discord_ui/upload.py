@@ -44,7 +44,7 @@ def fit_image(path: Path, limit: int) -> tuple[str, bytes, str | None]:
     scale = 0.75
     while True:
         smaller = image.resize(
-            (max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.LANCZOS
+            (max(1, int(image.width * scale)), max(1, int(image.height * scale))), Image.Resampling.LANCZOS
         )
         webp = _encode(smaller, "WEBP", 90)
         if len(webp) <= limit or smaller.width <= 64:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bot.jobs.queue import Job
+from bot.jobs.models import Job
 from generator.hires import DEFAULT_HIRES_SCALE, fit_hires_scale, hires_size
 from generator.params import GenerationParams
 

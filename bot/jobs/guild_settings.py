@@ -104,7 +104,7 @@ class GuildSettingsStore:
 
     async def _rows(self, sql: str, params: Mapping[str, Any] | Iterable[Any] = ()) -> list[aiosqlite.Row]:
         async with self.queue.exclusive() as conn:
-            return list(await conn.execute_fetchall(sql, params))  # type: ignore[arg-type]
+            return list(await conn.execute_fetchall(sql, params))
 
     async def _settings(self, guild_id: int, sql: str, params: Mapping[str, Any]) -> GuildSettings:
         rows = await self._rows(sql, params)

@@ -19,202 +19,43 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiosqlite
 
+from bot.jobs import estimates
 from bot.jobs.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
+from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
+from bot.jobs.models import (
+    CANCELLED_ERROR,
+    NOTICE_STATUSES,
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    Job,
+    JobKind,
+    JobStatus,
+    QueueFull,
+    QueueLimits,
+    RecoveryReport,
+    crashed_message,
+    sql_literals,
+)
 from generator.params import BATCH_KEY_FIELDS  # the keys jobs must share to batch (one definition)
-
-if TYPE_CHECKING:
-    from bot.config import Settings
 
 Clock = Callable[[], float]
 
-#: ETA speed used until a job has been measured: seconds per step-image.
-DEFAULT_SEC_PER_UNIT = 0.1
-#: Weight of the newest measurement in the `sec_per_unit` moving average.
-EMA_ALPHA = 0.3
-
-
-class JobStatus(StrEnum):
-    """Where a job is in its life cycle."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    GENERATED = "generated"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    DEAD = "dead"
-
-
-class JobKind(StrEnum):
-    """What a job asks the generator for."""
-
-    TXT2IMG = "txt2img"
-    UPSCALE = "upscale"
-    VARIATION = "variation"
-
-
-OPEN_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.GENERATED})
-TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
-    {JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD}
-)
-_OPEN_SQL = "('queued', 'running', 'generated')"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One row of `jobs`, decoded (params as a dict, files/seeds as lists)."""
-
-    id: int
-    kind: JobKind
-    parent_id: int | None
-    image_index: int | None
-    guild_id: int
-    channel_id: int
-    user_id: int
-    interaction_id: int | None
-    params: dict[str, Any]
-    cost: int
-    status: JobStatus
-    attempts: int
-    cancel_requested: bool
-    lease_owner: str | None
-    lease_expires_at: float | None
-    not_before: float
-    created_at: float
-    started_at: float | None
-    generated_at: float | None
-    finished_at: float | None
-    updated_at: float
-    reply_to_message_id: int | None
-    status_message_id: int | None
-    result_message_id: int | None
-    result_files: list[str]
-    seeds: list[int]
-    gen_seconds: float | None
-    error: str | None
-    #: when retention deleted the result files (migration 0002); None while they are kept
-    pruned_at: float | None = None
-    #: when the member was shown the outcome (migration 0004); None on a finished job = notice owed
-    notified_at: float | None = None
-    #: run alone: it was in a batch that failed, so a retry shows which job is at fault (0004)
-    solo: bool = False
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any] | aiosqlite.Row) -> Job:
-        """Decode a `SELECT * FROM jobs` row."""
-        return cls(
-            id=row["id"],
-            kind=JobKind(row["kind"]),
-            parent_id=row["parent_id"],
-            image_index=row["image_index"],
-            guild_id=row["guild_id"],
-            channel_id=row["channel_id"],
-            user_id=row["user_id"],
-            interaction_id=row["interaction_id"],
-            params=json.loads(row["params"]),
-            cost=row["cost"],
-            status=JobStatus(row["status"]),
-            attempts=row["attempts"],
-            cancel_requested=bool(row["cancel_requested"]),
-            lease_owner=row["lease_owner"],
-            lease_expires_at=row["lease_expires_at"],
-            not_before=row["not_before"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            generated_at=row["generated_at"],
-            finished_at=row["finished_at"],
-            updated_at=row["updated_at"],
-            reply_to_message_id=row["reply_to_message_id"],
-            status_message_id=row["status_message_id"],
-            result_message_id=row["result_message_id"],
-            result_files=json.loads(row["result_files"]) if row["result_files"] else [],
-            seeds=json.loads(row["seeds"]) if row["seeds"] else [],
-            gen_seconds=row["gen_seconds"],
-            error=row["error"],
-            pruned_at=row["pruned_at"] if "pruned_at" in row.keys() else None,  # noqa: SIM118
-            notified_at=row["notified_at"] if "notified_at" in row.keys() else None,  # noqa: SIM118
-            solo=bool(row["solo"]) if "solo" in row.keys() else False,  # noqa: SIM118
-        )
-
-    @property
-    def is_open(self) -> bool:
-        """Queued, running or generated (not yet delivered)."""
-        return self.status in OPEN_STATUSES
-
-    @property
-    def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys (and kind txt2img) can share one batched pipeline call."""
-        return tuple(self.params.get(name) for name in BATCH_KEY_FIELDS)
-
-
-@dataclass(frozen=True)
-class QueueLimits:
-    """Admission and retry limits (see `Settings` for the matching `PONY_*` variables)."""
-
-    max_open_per_user: int = 3
-    max_queued: int = 100
-    cooldown_s: float = 0.0
-    max_attempts: int = 3
-    lease_s: float = 120.0
-    retry_backoff_s: float = 5.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> QueueLimits:
-        """The limits configured in `settings`."""
-        return cls(
-            max_open_per_user=settings.max_open_jobs_per_user,
-            max_queued=settings.max_queue,
-            cooldown_s=settings.cooldown_s,
-            max_attempts=settings.max_attempts,
-            lease_s=settings.lease_s,
-            retry_backoff_s=settings.retry_backoff_s,
-        )
-
-
-class QueueFull(Exception):
-    """`enqueue` refused the job; `reason` is shown to the user, `retry_after` in seconds or None.
-
-    `kind` says which limit: "user" (open jobs per user), "queue" (queued jobs in all) or
-    "cooldown"; empty when raised by other code.
-    """
-
-    def __init__(self, reason: str, retry_after: float | None = None, kind: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.kind = kind
-
-
-@dataclass
-class RecoveryReport:
-    """What `recover` did to jobs left running by a previous process."""
-
-    requeued: list[int] = field(default_factory=list)
-    dead: list[int] = field(default_factory=list)
-    #: jobs whose cancel had been requested: cancelled instead of re-run
-    cancelled: list[int] = field(default_factory=list)
-
-
-def _images(job: Job) -> int:
-    """The number of images a job asks for (its params' `count`, 1 if absent)."""
-    return int(job.params.get("count") or 1)
+_OPEN_SQL = f"({sql_literals(OPEN_STATUSES)})"
+#: the states `mark_done` finishes (normally generated; running is accepted too)
+_DELIVERABLE_SQL = sql_literals((JobStatus.GENERATED, JobStatus.RUNNING))
+#: the states `finish_cancelled` ends (a job whose cancel was requested)
+_CANCELLABLE_SQL = sql_literals((JobStatus.RUNNING, JobStatus.QUEUED))
+#: what every move out of `running` to a state without a worker clears
+_FREE_LEASE: tuple[str, ...] = ("lease_owner = NULL", "lease_expires_at = NULL")
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def crashed_message(attempts: int) -> str:
-    """The error stored on a job dropped after crashing the generator `attempts` times."""
-    times = "once" if attempts == 1 else f"{attempts} times"
-    return f"This job crashed the generator {times} and was dropped."
 
 
 # Everything enqueue needs to decide, in one round trip: an existing job for the interaction,
@@ -244,8 +85,9 @@ LIMIT 1
 """
 # The guild served least recently among those with waiting jobs (index queue_guilds_waiting).
 _NEXT_GUILD = "(SELECT guild_id FROM queue_guilds WHERE queued > 0 ORDER BY last_served_at, guild_id LIMIT 1)"
+# The SQL twin of `Job.batchable` (plus the batch key and the room left), for queued rows.
 _BATCH_FILTER = (
-    "\n      AND j.kind = 'txt2img' AND j.solo = 0"
+    f"\n      AND j.kind = '{JobKind.TXT2IMG.value}' AND j.solo = 0"
     # hires-fix jobs (issue #14, params.hires) run alone: their second pass is per image
     "\n      AND json_extract(j.params, '$.hires') IS NULL"
     + "".join(f"\n      AND json_extract(j.params, '$.{name}') IS :{name}" for name in BATCH_KEY_FIELDS)
@@ -406,7 +248,11 @@ class JobQueue:
 
     async def _sec_per_unit(self) -> float:
         row = await self._fetch_one("SELECT value FROM queue_stats WHERE key = 'sec_per_unit'")
-        return float(row[0]) if row is not None and row[0] > 0 else DEFAULT_SEC_PER_UNIT
+        return estimates.sec_per_unit(row[0] if row is not None else None)
+
+    async def _running_work(self) -> list[RunningWork]:
+        rows = await self._conn.execute_fetchall("SELECT cost, started_at FROM jobs WHERE status = 'running'")
+        return [RunningWork(row["cost"], row["started_at"]) for row in rows]
 
     async def _serve_stamp(self, now: float) -> float:
         """A strictly increasing service time, so equal clock readings still order the claims."""
@@ -419,6 +265,85 @@ class JobQueue:
         stamp = max(now, self._last_served + 1e-6)
         self._last_served = stamp
         return stamp
+
+    # --- transitions: every status change goes through `_transition` ---------------------------
+
+    async def _transition(
+        self,
+        conn: aiosqlite.Connection,
+        status: JobStatus,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        sets: Sequence[str] = (),
+        returning: str = "id",
+    ) -> list[aiosqlite.Row]:
+        """Move the jobs matching `where` to `status`; return the `returning` columns of each one moved.
+
+        The one UPDATE behind every status change: besides `sets` it stamps `updated_at` (and
+        `finished_at` when `status` is terminal) with `:now`, which `params` must bind. One
+        statement, so it is atomic on its own in autocommit mode.
+        """
+        assignments = [f"status = '{status.value}'", *sets, "updated_at = :now"]
+        if status in TERMINAL_STATUSES:
+            assignments.append("finished_at = :now")
+        rows = await conn.execute_fetchall(
+            f"UPDATE jobs SET {', '.join(assignments)} WHERE {where} RETURNING {returning}", params
+        )
+        return list(rows)
+
+    async def _set_cancelled(
+        self, conn: aiosqlite.Connection, where: str, params: Mapping[str, Any], *, returning: str = "id"
+    ) -> list[aiosqlite.Row]:
+        """Cancel the jobs matching `where` (error "Cancelled.", lease freed)."""
+        return await self._transition(
+            conn,
+            JobStatus.CANCELLED,
+            where,
+            {**params, "error": CANCELLED_ERROR},
+            sets=("error = :error", *_FREE_LEASE),
+            returning=returning,
+        )
+
+    async def _requeue(
+        self,
+        conn: aiosqlite.Connection,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        not_before: float,
+        sets: Sequence[str] = (),
+        returning: str = "id",
+    ) -> list[aiosqlite.Row]:
+        """Put the jobs matching `where` back in the queue, eligible from `not_before`, lease freed."""
+        return await self._transition(
+            conn,
+            JobStatus.QUEUED,
+            where,
+            {**params, "not_before": not_before},
+            sets=("not_before = :not_before", *sets, *_FREE_LEASE),
+            returning=returning,
+        )
+
+    async def _bury(
+        self,
+        conn: aiosqlite.Connection,
+        status: JobStatus,
+        error: str,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        returning: str = "id",
+    ) -> list[aiosqlite.Row]:
+        """End the jobs matching `where` as `status` (failed or dead) with `error`, lease freed."""
+        return await self._transition(
+            conn,
+            status,
+            where,
+            {**params, "error": error},
+            sets=("error = :error", *_FREE_LEASE),
+            returning=returning,
+        )
 
     # --- admission -----------------------------------------------------------------------------
 
@@ -507,16 +432,11 @@ class JobQueue:
                 )
 
     async def _slot_free_estimate(self, now: float) -> float:
-        """Seconds until a queue slot frees: the running job's remaining time, else the next job's."""
+        """Seconds until a queue slot frees (`estimates.slot_free_seconds`)."""
         spu = await self._sec_per_unit()
-        running = await self._conn.execute_fetchall(
-            "SELECT cost, started_at FROM jobs WHERE status = 'running'"
-        )
-        remaining = [max(r["cost"] * spu - (now - (r["started_at"] or now)), 0.0) for r in running]
-        if remaining:
-            return max(min(remaining), 1.0)
+        running = await self._running_work()
         row = await self._fetch_one("SELECT cost FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1")
-        return max((row[0] if row is not None else 1) * spu, 1.0)
+        return estimates.slot_free_seconds(running, row[0] if row is not None else None, now, spu)
 
     # --- claiming ------------------------------------------------------------------------------
 
@@ -547,10 +467,10 @@ class JobQueue:
         Started at once (attempts + 1, `started_at` set) unless `reserve`: then it is only held
         (`started_at` NULL) until `begin` counts the attempt.
         """
-        rows = await self._conn.execute_fetchall(
-            "UPDATE jobs SET status = 'running', attempts = attempts + :start, lease_owner = :owner,"
-            " lease_expires_at = :lease, started_at = CASE WHEN :start THEN :now END, updated_at = :now"
-            " WHERE id = :id AND status = 'queued' RETURNING *",
+        rows = await self._transition(
+            self._conn,
+            JobStatus.RUNNING,
+            "id = :id AND status = 'queued'",
             {
                 "start": 0 if reserve else 1,
                 "owner": worker_id,
@@ -558,11 +478,17 @@ class JobQueue:
                 "now": now,
                 "id": job_id,
             },
+            sets=(
+                "attempts = attempts + :start",
+                "lease_owner = :owner",
+                "lease_expires_at = :lease",
+                "started_at = CASE WHEN :start THEN :now END",
+            ),
+            returning="*",
         )
-        row = next(iter(rows), None)
-        if row is None:
+        if not rows:
             return None
-        job = Job.from_row(row)
+        job = Job.from_row(rows[0])
         stamp = await self._serve_stamp(now)
         await self._conn.execute(
             "UPDATE queue_guilds SET last_served_at = ? WHERE guild_id = ?", (stamp, job.guild_id)
@@ -610,10 +536,10 @@ class JobQueue:
             if first is None:  # pragma: no cover - we hold the write lock
                 return []
             jobs = [first]
-            if first.kind is not JobKind.TXT2IMG or first.solo or first.params.get("hires"):
+            if not first.batchable:
                 return jobs
             key = dict(zip(BATCH_KEY_FIELDS, first.batch_key, strict=True))
-            room = 2**31 if max_images is None else max_images - _images(first)
+            room = 2**31 if max_images is None else max_images - first.image_count
             while len(jobs) < max_jobs and room > 0:
                 job_id = await self._pick(now, {**key, "room": room})
                 if job_id is None:
@@ -622,7 +548,7 @@ class JobQueue:
                 if job is None:  # pragma: no cover
                     break
                 jobs.append(job)
-                room -= _images(job)
+                room -= job.image_count
             return jobs
 
     async def begin(self, job_ids: Sequence[int], worker_id: str) -> list[Job]:
@@ -685,36 +611,50 @@ class JobQueue:
         # statement, and a crash between the two loses one speed sample at most.
         now = self._clock()
         async with self._lock:
-            rows = await self._conn.execute_fetchall(
-                "UPDATE jobs SET status = 'generated', result_files = ?, seeds = ?, gen_seconds = ?,"
-                " generated_at = ?, updated_at = ?, lease_expires_at = NULL"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 0"
-                " RETURNING cost",
-                (_dumps(list(files)), _dumps(list(seeds)), gen_seconds, now, now, job_id, worker_id),
+            rows = await self._transition(
+                self._conn,
+                JobStatus.GENERATED,
+                "id = :id AND status = 'running' AND lease_owner = :owner AND cancel_requested = 0",
+                {
+                    "files": _dumps(list(files)),
+                    "seeds": _dumps(list(seeds)),
+                    "gen_seconds": gen_seconds,
+                    "now": now,
+                    "id": job_id,
+                    "owner": worker_id,
+                },
+                sets=(
+                    "result_files = :files",
+                    "seeds = :seeds",
+                    "gen_seconds = :gen_seconds",
+                    "generated_at = :now",
+                    "lease_expires_at = NULL",
+                ),
+                returning="cost",
             )
-            row = next(iter(rows), None)
-            if row is None:
+            if not rows:
                 return False
-            cost = row[0]
-            if cost > 0 and gen_seconds > 0:
+            sample = estimates.speed_sample(gen_seconds, rows[0][0])
+            if sample is not None:
                 await self._conn.execute(
                     "INSERT INTO queue_stats (key, value) VALUES ('sec_per_unit', :sample)"
                     " ON CONFLICT (key) DO UPDATE SET value = (1 - :alpha) * value + :alpha * excluded.value",
-                    {"sample": gen_seconds / cost, "alpha": EMA_ALPHA},
+                    {"sample": sample, "alpha": EMA_ALPHA},
                 )
             return True
 
     async def mark_done(self, job_id: int, result_message_id: int) -> bool:
         """generated (or running) -> done; False if the job was in any other state (e.g. already done)."""
         now = self._clock()
-        return (
-            await self._one_statement(
-                "UPDATE jobs SET status = 'done', result_message_id = ?, finished_at = ?, updated_at = ?,"
-                " notified_at = ?, lease_expires_at = NULL WHERE id = ? AND status IN ('generated', 'running')",
-                (result_message_id, now, now, now, job_id),
+        async with self._lock:
+            rows = await self._transition(
+                self._conn,
+                JobStatus.DONE,
+                f"id = :id AND status IN ({_DELIVERABLE_SQL})",
+                {"id": job_id, "now": now, "message": result_message_id},
+                sets=("result_message_id = :message", "notified_at = :now", "lease_expires_at = NULL"),
             )
-            > 0
-        )
+        return bool(rows)
 
     async def mark_notified(self, job_id: int) -> bool:
         """Record that the member was shown a finished job's outcome (its notice is no longer owed).
@@ -725,7 +665,7 @@ class JobQueue:
         return (
             await self._one_statement(
                 "UPDATE jobs SET notified_at = ?, updated_at = ? WHERE id = ? AND notified_at IS NULL"
-                " AND status IN ('failed', 'cancelled', 'dead', 'done')",
+                f" AND status IN ({sql_literals(TERMINAL_STATUSES)})",
                 (now, now, job_id),
             )
             > 0
@@ -734,7 +674,7 @@ class JobQueue:
     async def unnotified(self) -> list[Job]:
         """Failed, cancelled and dead jobs whose notice is still owed, oldest first (index jobs_unnotified)."""
         return await self._jobs(
-            "SELECT * FROM jobs WHERE notified_at IS NULL AND status IN ('failed', 'cancelled', 'dead')"
+            f"SELECT * FROM jobs WHERE notified_at IS NULL AND status IN ({sql_literals(NOTICE_STATUSES)})"
             " ORDER BY id"
         )
 
@@ -753,27 +693,23 @@ class JobQueue:
                 raise LookupError(f"No job #{job_id}.")
             if job.status in TERMINAL_STATUSES:
                 return job
+            params = {"id": job_id, "now": now}
             if job.cancel_requested:
-                sql = (
-                    "UPDATE jobs SET status = 'cancelled', error = 'Cancelled.', finished_at = :now,"
-                    " updated_at = :now, lease_owner = NULL, lease_expires_at = NULL WHERE id = :id RETURNING *"
-                )
+                rows = await self._set_cancelled(conn, "id = :id", params, returning="*")
             elif retryable and job.attempts < self.limits.max_attempts:
-                sql = (
-                    "UPDATE jobs SET status = 'queued', error = :error, not_before = :not_before,"
-                    " updated_at = :now, lease_owner = NULL, lease_expires_at = NULL WHERE id = :id RETURNING *"
+                backoff = self.limits.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
+                rows = await self._requeue(
+                    conn,
+                    "id = :id",
+                    {**params, "error": error},
+                    not_before=now + backoff,
+                    sets=("error = :error",),
+                    returning="*",
                 )
             else:
-                status = "dead" if retryable else "failed"
-                sql = (
-                    f"UPDATE jobs SET status = '{status}', error = :error, finished_at = :now,"
-                    " updated_at = :now, lease_owner = NULL, lease_expires_at = NULL WHERE id = :id RETURNING *"
-                )
-            backoff = self.limits.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
-            rows = await conn.execute_fetchall(
-                sql, {"id": job_id, "now": now, "error": error, "not_before": now + backoff}
-            )
-            return Job.from_row(next(iter(rows)))
+                status = JobStatus.DEAD if retryable else JobStatus.FAILED
+                rows = await self._bury(conn, status, error, "id = :id", params, returning="*")
+            return Job.from_row(rows[0])
 
     async def cancel(self, job_id: int) -> str:
         """Cancel a job: "cancelled" (was queued), "requested" (running: the worker stops it), else "not_open".
@@ -782,12 +718,7 @@ class JobQueue:
         """
         async with self._write() as conn:
             now = self._clock()
-            rows = await conn.execute_fetchall(
-                "UPDATE jobs SET status = 'cancelled', error = 'Cancelled.', finished_at = ?, updated_at = ?"
-                " WHERE id = ? AND status = 'queued' RETURNING id",
-                (now, now, job_id),
-            )
-            if next(iter(rows), None) is not None:
+            if await self._set_cancelled(conn, "id = :id AND status = 'queued'", {"id": job_id, "now": now}):
                 return "cancelled"
             cursor = await conn.execute(
                 "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ? AND status = 'running'",
@@ -809,15 +740,13 @@ class JobQueue:
         worker stopped it for its own reasons: then `release` or `fail` it instead).
         """
         now = self._clock()
-        return (
-            await self._one_statement(
-                "UPDATE jobs SET status = 'cancelled', error = 'Cancelled.', finished_at = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_expires_at = NULL"
-                " WHERE id = ? AND status IN ('running', 'queued') AND cancel_requested = 1",
-                (now, now, job_id),
+        async with self._lock:
+            rows = await self._set_cancelled(
+                self._conn,
+                f"id = :id AND status IN ({_CANCELLABLE_SQL}) AND cancel_requested = 1",
+                {"id": job_id, "now": now},
             )
-            > 0
-        )
+        return bool(rows)
 
     async def release(self, job_id: int, worker_id: str, *, solo: bool = False) -> bool:
         """Give a running job back without penalty (clean shutdown, hung GPU, a failed batch):
@@ -827,49 +756,40 @@ class JobQueue:
         """
         async with self._write() as conn:
             now = self._clock()
-            cursor = await conn.execute(
-                "UPDATE jobs SET status = 'cancelled', error = 'Cancelled.', finished_at = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_expires_at = NULL"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 1",
-                (now, now, job_id, worker_id),
-            )
-            if cursor.rowcount > 0:
+            held = "id = :id AND status = 'running' AND lease_owner = :owner"
+            params = {"id": job_id, "owner": worker_id, "now": now}
+            if await self._set_cancelled(conn, f"{held} AND cancel_requested = 1", params):
                 return True
-            cursor = await conn.execute(
-                "UPDATE jobs SET status = 'queued', not_before = ?, updated_at = ?, solo = max(solo, ?),"
-                " attempts = CASE WHEN started_at IS NULL THEN attempts ELSE max(attempts - 1, 0) END,"
-                " lease_owner = NULL, lease_expires_at = NULL"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ?",
-                (now, now, int(solo), job_id, worker_id),
+            rows = await self._requeue(
+                conn,
+                held,
+                {**params, "solo": int(solo)},
+                not_before=now,
+                sets=(
+                    "solo = max(solo, :solo)",
+                    "attempts = CASE WHEN started_at IS NULL THEN attempts ELSE max(attempts - 1, 0) END",
+                ),
             )
-            return cursor.rowcount > 0
+            return bool(rows)
 
     # --- recovery ------------------------------------------------------------------------------
 
-    async def _release(self, rows: Iterable[aiosqlite.Row], now: float, report: RecoveryReport) -> None:
-        """Requeue (at once) or bury jobs whose worker is gone; caller holds a write transaction."""
+    async def _release_abandoned(
+        self, rows: Iterable[aiosqlite.Row], now: float, report: RecoveryReport
+    ) -> None:
+        """Requeue (at once), cancel or bury jobs whose worker is gone; caller holds a write transaction."""
+        conn = self._conn
         for row in rows:
-            job_id, attempts, cancel_requested = row["id"], row["attempts"], row["cancel_requested"]
-            if cancel_requested:
-                await self._conn.execute(
-                    "UPDATE jobs SET status = 'cancelled', error = 'Cancelled.', finished_at = ?,"
-                    " updated_at = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-                    (now, now, job_id),
-                )
+            job_id, attempts = row["id"], row["attempts"]
+            params = {"id": job_id, "now": now}
+            if row["cancel_requested"]:
+                await self._set_cancelled(conn, "id = :id", params)
                 report.cancelled.append(job_id)
             elif attempts >= self.limits.max_attempts:
-                await self._conn.execute(
-                    "UPDATE jobs SET status = 'dead', error = ?, finished_at = ?, updated_at = ?,"
-                    " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-                    (crashed_message(attempts), now, now, job_id),
-                )
+                await self._bury(conn, JobStatus.DEAD, crashed_message(attempts), "id = :id", params)
                 report.dead.append(job_id)
             else:
-                await self._conn.execute(
-                    "UPDATE jobs SET status = 'queued', not_before = ?, updated_at = ?,"
-                    " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-                    (now, now, job_id),
-                )
+                await self._requeue(conn, "id = :id", params, not_before=now)
                 report.requeued.append(job_id)
 
     async def recover(self, worker_id: str) -> RecoveryReport:
@@ -887,7 +807,7 @@ class JobQueue:
                 " WHERE status = 'running' AND lease_owner IS NOT ? ORDER BY id",
                 (worker_id,),
             )
-            await self._release(rows, now, report)
+            await self._release_abandoned(rows, now, report)
         return report
 
     async def requeue_expired(self) -> list[int]:
@@ -900,17 +820,17 @@ class JobQueue:
                 " WHERE status = 'running' AND lease_expires_at < ? ORDER BY id",
                 (now,),
             )
-            await self._release(rows, now, report)
+            await self._release_abandoned(rows, now, report)
         return sorted(report.requeued + report.dead + report.cancelled)
 
     # --- reading -------------------------------------------------------------------------------
 
-    async def _ahead(self, job_id: int) -> tuple[int, float, float] | None:
-        """(jobs ahead, their total cost, own cost) for a queued job; None otherwise."""
+    async def _place(self, job_id: int) -> QueuePlace | None:
+        """Where a queued job stands in claim order (see `position`); None when it is not queued."""
         row = await self._fetch_one(_AHEAD_SQL, {"id": job_id})
         if row is None or row["own_cost"] is None:
             return None
-        return int(row["ahead"]), float(row["ahead_cost"]), float(row["own_cost"])
+        return QueuePlace(int(row["ahead"]), float(row["ahead_cost"]), float(row["own_cost"]))
 
     async def position(self, job_id: int) -> int | None:
         """1-based place of a queued job in the claim order (1 = next to run); None if not queued.
@@ -921,15 +841,15 @@ class JobQueue:
         retry back-off are counted as if eligible, and running jobs are not counted.
         """
         async with self._read():
-            ahead = await self._ahead(job_id)
-        return None if ahead is None else ahead[0] + 1
+            place = await self._place(job_id)
+        return None if place is None else place.position
 
     async def eta_seconds(self, job_id: int) -> float | None:
         """Estimated seconds until a job is generated; None unless queued or running.
 
         queued: (cost ahead + own cost + remaining cost of running jobs) * sec_per_unit;
         running: its own remaining time. sec_per_unit is the measured moving average
-        (`DEFAULT_SEC_PER_UNIT` until a job has been measured).
+        (`estimates.DEFAULT_SEC_PER_UNIT` until a job has been measured).
         """
         async with self._read():
             now = self._clock()
@@ -937,18 +857,15 @@ class JobQueue:
             job = await self._fetch_job(job_id)
             if job is None:
                 return None
-            running = await self._conn.execute_fetchall(
-                "SELECT cost, started_at FROM jobs WHERE status = 'running'"
-            )
             if job.status is JobStatus.RUNNING:
-                return max(job.cost * spu - (now - (job.started_at or now)), 0.0)
+                return estimates.remaining_seconds(RunningWork(job.cost, job.started_at), now, spu)
             if job.status is not JobStatus.QUEUED:
                 return None
-            ahead = await self._ahead(job_id)
-        if ahead is None:  # pragma: no cover - read in the same snapshot as the status
+            running = await self._running_work()
+            place = await self._place(job_id)
+        if place is None:  # pragma: no cover - read in the same snapshot as the status
             return None
-        running_s = sum(max(r["cost"] * spu - (now - (r["started_at"] or now)), 0.0) for r in running)
-        return (ahead[1] + ahead[2]) * spu + running_s
+        return estimates.queued_eta(place, running, now, spu)
 
     async def open_jobs(self, user_id: int) -> list[Job]:
         """The user's queued, running and generated jobs, oldest first."""

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import aiosqlite
 
+from bot.jobs.models import OPEN_STATUSES, TERMINAL_STATUSES
+
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES: tuple[str, ...] = ("done", "failed", "cancelled", "dead")
-OPEN_STATUSES: tuple[str, ...] = ("queued", "running", "generated")
 GB = 10**9
 
 

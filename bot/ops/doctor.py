@@ -30,6 +30,7 @@ import discord
 from bot.config import Settings, SettingsError, load_settings
 from bot.logging_setup import REDACTED, redact, setup_logging
 from bot.policy.permissions import REQUIRED, missing_permissions
+from generator.errors import first_line
 
 GIB = 1024**3
 #: below this much free disk in the data folder, the check fails
@@ -67,11 +68,6 @@ class Report:
             text = text.replace(secret, REDACTED)
         text = " ".join(redact(text).split())  # one line, whatever the messages held
         print(prefix + text, file=self.out, flush=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # --- settings, folders, database -----------------------------------------------------------------
@@ -113,7 +109,7 @@ def check_data_folder(settings: Settings, report: Report) -> bool:
         _probe_write(settings.images_dir)
         free = shutil.disk_usage(folder).free
     except OSError as exc:
-        report.fail(what, f"not writable ({exc.strerror or _first_line(exc)}): {fix}")
+        report.fail(what, f"not writable ({exc.strerror or first_line(exc)}): {fix}")
         return False
     if free < MIN_FREE_DISK:
         report.fail(
@@ -171,7 +167,7 @@ async def check_database(settings: Settings, report: Report) -> AllowedChannels:
         conn = await connect(path, busy_timeout_ms=settings.db_busy_timeout_ms)
     except (sqlite3.Error, OSError) as exc:
         report.fail(
-            what, f"cannot open it ({_first_line(exc)}): check the file's owner and permissions, or PONY_DB"
+            what, f"cannot open it ({first_line(exc)}): check the file's owner and permissions, or PONY_DB"
         )
         return {}
     allowed: AllowedChannels = {}
@@ -204,7 +200,7 @@ async def check_database(settings: Settings, report: Report) -> AllowedChannels:
             if "locked" in str(exc)
             else "check the file's owner and permissions (and its -wal/-shm files), or PONY_DB"
         )
-        report.fail(what, f"{_first_line(exc)}: {hint}")
+        report.fail(what, f"{first_line(exc)}: {hint}")
         return {}
     finally:
         await conn.close()
@@ -252,7 +248,7 @@ async def check_model(settings: Settings, report: Report) -> Any:
     except Exception as exc:  # anything else is still a model that cannot be used
         report.fail(
             "model",
-            f"could not load {settings.model!r} ({type(exc).__name__}: {_first_line(exc)}):"
+            f"could not load {settings.model!r} ({first_line(exc, with_type=True)}):"
             " check PONY_MODEL and PONY_DEVICE",
         )
         return None
@@ -303,7 +299,7 @@ async def check_upscaler(settings: Settings, report: Report, generator: Any) -> 
         return
     except Exception as exc:
         report.fail(
-            "upscaler", f"could not load {settings.upscaler} ({_first_line(exc)}): check PONY_UPSCALER"
+            "upscaler", f"could not load {settings.upscaler} ({first_line(exc)}): check PONY_UPSCALER"
         )
         return
     report.ok(f"upscaler {upscaler.name}: {upscaler.scale}x on {device}")
@@ -453,7 +449,7 @@ async def check_discord(settings: Settings, report: Report, allowed: AllowedChan
         except (aiohttp.ClientError, TimeoutError) as exc:
             report.fail(
                 f"Discord API at {settings.discord_api_base}",
-                f"unreachable ({type(exc).__name__}: {_first_line(exc) if str(exc) else 'timed out'}):"
+                f"unreachable ({type(exc).__name__}: {first_line(exc) if str(exc) else 'timed out'}):"
                 " check this machine's network, DNS and firewall, and DISCORD_API_BASE",
             )
 

@@ -33,12 +33,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bot.jobs.models import OPEN_STATUSES, TERMINAL_STATUSES
+
 log = logging.getLogger(__name__)
 
 #: statuses counted by the `ponybot_queue_jobs` gauge (the open ones; ended jobs are counters)
-QUEUE_STATUSES: tuple[str, ...] = ("queued", "running", "generated")
+QUEUE_STATUSES: tuple[str, ...] = tuple(status.value for status in OPEN_STATUSES)
 #: allowed `outcome` label values of `ponybot_jobs_total`
-OUTCOMES: tuple[str, ...] = ("done", "failed", "dead", "cancelled")
+OUTCOMES: tuple[str, ...] = tuple(status.value for status in TERMINAL_STATUSES)
 
 WAIT_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 GENERATION_BUCKETS = (0.5, 1, 2, 3, 5, 8, 12, 20, 30, 45, 60, 90, 120, 180, 300, 600)

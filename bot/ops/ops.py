@@ -1,8 +1,8 @@
 """Operations wiring: metrics, health, periodic queue refresh and retention, job logs' final line.
 
-`PonyBot` owns one `Ops`. It hands the worker its `worker_heartbeat` and `job_finished` hooks and
-reports the gateway state (`gateway`); `run_bot` calls `start()` once the bot is built and `stop()`
-on the way out. `start()` opens a database connection of its own (retention writes in its own
+The composition root (bot.app) builds one `Ops` after the worker it watches and hands the worker
+its `worker_heartbeat` and `job_finished` hooks; the Discord client reports the gateway state
+(`gateway`). `run_bot` calls `start()` once everything is built and `stop()` on the way out. `start()` opens a database connection of its own (retention writes in its own
 transactions, so it must not share the queue's), starts the periodic tasks and, when
 `PONY_METRICS_PORT` is set, the `/metrics` + `/healthz` server.
 """
@@ -15,18 +15,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiosqlite
 
+from bot.config import Settings
 from bot.jobs.db import connect
-from bot.jobs.queue import Job
+from bot.jobs.models import Job
 from bot.jobs.retention import prune, retention_limits
 from bot.ops.metrics import OUTCOMES, Health, Metrics, MetricsServer
-from bot.runtime.engine import EngineState
-
-if TYPE_CHECKING:
-    from bot.discord_ui.client import PonyBot
+from bot.runtime.engine import Engine, EngineState
+from bot.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +38,10 @@ _SEEN_LIMIT = 10_000
 class Ops:
     """Metrics, health and the periodic tasks of one bot process."""
 
-    def __init__(self, bot: PonyBot) -> None:
-        self.bot = bot
-        self.settings = bot.settings
+    def __init__(self, settings: Settings, engine: Engine, worker: Worker) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker = worker
         self.metrics = Metrics(gpu_memory=self._gpu_bytes)
         self.health = Health(stuck_after_s=self.settings.health_stuck_s)
         self.server: MetricsServer | None = None
@@ -53,9 +53,7 @@ class Ops:
 
     def worker_heartbeat(self) -> None:
         """The worker's `heartbeat`: alive now, busy when it holds jobs."""
-        worker = getattr(self.bot, "worker", None)
-        busy = bool(worker is not None and worker.current_job_ids)
-        self.health.worker_heartbeat(busy=busy)
+        self.health.worker_heartbeat(busy=bool(self.worker.current_job_ids))
 
     def gateway(self, connected: bool) -> None:
         """Record a gateway connect (on_ready/on_resumed) or disconnect (on_disconnect)."""
@@ -76,9 +74,9 @@ class Ops:
     def check_health(self) -> tuple[bool, dict[str, Any]]:
         """`Health.check` plus the model state: a model that failed to load is unhealthy."""
         ok, details = self.health.check()
-        engine = self.bot.engine
+        engine = self.engine
         details["model"] = engine.state.value
-        details["worker"] = getattr(getattr(self.bot, "worker", None), "state", None)
+        details["worker"] = self.worker.describe()
         if engine.state is EngineState.FAILED:
             details["reasons"].append(f"model failed to load: {engine.error}")
             ok = False
@@ -88,7 +86,7 @@ class Ops:
         return ok, details
 
     def _gpu_bytes(self) -> int | None:
-        memory = self.bot.engine.gpu_memory()
+        memory = self.engine.gpu_memory()
         return memory[1] if memory is not None else None
 
     # --- life cycle -----------------------------------------------------------------------------

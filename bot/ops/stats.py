@@ -30,11 +30,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bot.jobs.models import TERMINAL_STATUSES
+from bot.policy.text import escape_for_discord, format_duration
+
 DAY_S = 86400.0
 WEEK_S = 7 * DAY_S
 HOUR_S = 3600.0
-OUTCOMES: tuple[str, ...] = ("done", "failed", "dead", "cancelled")
+OUTCOMES: tuple[str, ...] = tuple(status.value for status in TERMINAL_STATUSES)  # in report order
 TOP_SAMPLERS = 3
+SAMPLER_NAME_CHARS = 40  #: a sampler name (from the DB) is cut to this in the text
 
 
 @dataclass(frozen=True)
@@ -209,38 +213,23 @@ def render_chart(series: HourlySeries, *, width_px: int = 800, height_px: int = 
     return buf.getvalue()
 
 
-def format_duration(seconds: float | None) -> str:
-    """Short human duration: `4.2 s`, `3 m 05 s`, `1 h 02 m`; `n/a` for None."""
-    if seconds is None:
-        return "n/a"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    whole = round(seconds)
-    if whole < 3600:
-        return f"{whole // 60} m {whole % 60:02d} s"
-    return f"{whole // 3600} h {whole % 3600 // 60:02d} m"
-
-
-def _escape(text: str) -> str:
-    """Escape Discord markdown in user-influenced text (sampler names come from the DB)."""
-    text = text[:40]
-    for char in ("\\", "*", "_", "~", "`", "|", ">", "#", "[", "]"):
-        text = text.replace(char, "\\" + char)
-    return text
-
-
 def format_stats(stats: Stats) -> str:
     """A few markdown lines for a Discord message or embed description (well under 2000 chars)."""
-    samplers = ", ".join(f"{_escape(name)} ({count})" for name, count in stats.top_samplers) or "none yet"
+    samplers = (
+        ", ".join(
+            f"{escape_for_discord(name, SAMPLER_NAME_CHARS)} ({count})" for name, count in stats.top_samplers
+        )
+        or "none yet"
+    )
     outcomes = " · ".join(f"{name} {stats.outcomes.get(name, 0)}" for name in OUTCOMES)
     return "\n".join(
         [
             f"**Last 24 h:** {stats.jobs_24h} jobs, {stats.images_24h} images",
             f"**Last 7 days:** {stats.jobs_7d} jobs, {stats.images_7d} images",
-            f"**Wait (7 d):** median {format_duration(stats.wait_median_s)}"
-            f" · p95 {format_duration(stats.wait_p95_s)}",
-            f"**Run time (7 d):** median {format_duration(stats.run_median_s)}"
-            f" · p95 {format_duration(stats.run_p95_s)}",
+            f"**Wait (7 d):** median {format_duration(stats.wait_median_s, precise=True)}"
+            f" · p95 {format_duration(stats.wait_p95_s, precise=True)}",
+            f"**Run time (7 d):** median {format_duration(stats.run_median_s, precise=True)}"
+            f" · p95 {format_duration(stats.run_p95_s, precise=True)}",
             f"**Top samplers (7 d):** {samplers}",
             f"**Outcomes (7 d):** {outcomes}",
         ]

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.config import Settings
-from bot.discord_ui.actions import Refusal
+from bot.errors import Refusal
 from bot.jobs.guild_settings import GuildSettings, GuildSettingsStore
-from bot.jobs.queue import QueueLimits
+from bot.jobs.models import QueueLimits
 from bot.policy.text import normalize_for_matching
 from generator.params import MAX_COUNT, GenerationParams
 
 if TYPE_CHECKING:
-    from bot.jobs.queue import Job, JobQueue
+    from bot.jobs.models import Job
+    from bot.jobs.queue import JobQueue
 
 BANNED = "You can't use ponybot in this server."
 BLOCKED = "That prompt isn't allowed in this channel (it contains a blocked term)."

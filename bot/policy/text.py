@@ -39,3 +39,26 @@ def escape_for_discord(text: str, limit: int) -> str:
     if len(text) > limit:
         text = text[: limit - 1].rstrip("\\") + "…"
     return text
+
+
+def format_duration(seconds: float | None, *, precise: bool = False) -> str:
+    """A duration for a message: `about`-style by default, table-style with `precise`.
+
+    Default (what members read in queue ETAs and a result's Time): whole seconds and minutes,
+    `12 s`, `2 min`, `1 min 20 s`; `unknown` for None. `precise` (the /pony-stats table): one
+    decimal under a minute and fixed-width parts, `4.2 s`, `3 m 05 s`, `1 h 02 m`; `n/a` for None.
+    """
+    if seconds is None:
+        return "n/a" if precise else "unknown"
+    if precise:
+        if seconds < 60:
+            return f"{seconds:.1f} s"
+        whole = round(seconds)
+        if whole < 3600:
+            return f"{whole // 60} m {whole % 60:02d} s"
+        return f"{whole // 3600} h {whole % 3600 // 60:02d} m"
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes} min {secs} s" if secs else f"{minutes} min"

@@ -13,7 +13,6 @@ import enum
 import functools
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,8 +68,6 @@ class Engine:
         self.load_seconds: float | None = None
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
-        #: the thread id of the GPU thread, for instrumentation
-        self.gpu_thread_ident: int | None = None
         #: the latest generator calls, as timed in the GPU thread (benchmarks, tests, /healthz)
         self.timeline: collections.deque[GpuCall] = collections.deque(maxlen=TIMELINE_LEN)
 
@@ -81,7 +78,6 @@ class Engine:
         return self._load_task
 
     def _load_in_thread(self) -> Any:
-        self.gpu_thread_ident = threading.get_ident()
         if self._loader is not None:
             return self._loader(self.config)
         from generator.pipeline import Generator  # lazy: keeps torch out of the bot's import graph

@@ -19,30 +19,54 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from bot.jobs.db import RETRY_DELAYS, retrying
-from bot.jobs.queue import TERMINAL_STATUSES, Job, JobQueue, JobStatus
+from bot.jobs.models import TERMINAL_STATUSES, Job, JobStatus
+from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 from bot.runtime.images import save_results
 from generator.errors import GeneratorError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from generator.pipeline import GenerationResult
+
 # the worker's logger: these lines were always `bot.worker` ones, and log filters key on the name
 log = logging.getLogger("bot.runtime.worker")
+T = TypeVar("T")
+
+
+class ScreenedImage(Protocol):
+    """One image as the image filter sees it (generator.pipeline.ImageResult has this shape)."""
+
+    image: Image.Image
+
+
+class ScreenedImages(Protocol):
+    """The images the image filter looks at, replaced in place (a GenerationResult, or an upload)."""
+
+    @property
+    def images(self) -> Sequence[ScreenedImage]: ...
+
+
+#: the image filter hook: may replace images of the result in place (bot.discord_ui.output_filter)
+Screen = Callable[[Job, ScreenedImages], Awaitable[None]]
 
 
 class Deliverer(Protocol):
-    """What the worker needs from delivery (bot.delivery.Delivery implements it)."""
+    """What the worker needs from delivery (bot.discord_ui.delivery.Delivery implements it)."""
 
     async def job_started(self, job: Job) -> None: ...
     async def job_requeued(self, job: Job) -> None: ...
-    def progress(self, job: Job, step: int, total: int, preview: Any) -> None: ...
+    def progress(self, job: Job, step: int, total: int, preview: Image.Image | None) -> None: ...
     async def deliver(self, job: Job) -> None: ...
     def is_delivering(self, job_id: int) -> bool: ...
     async def notify(self, job: Job) -> bool: ...
 
 
-async def safe(coro: Awaitable[Any]) -> Any:
+async def safe(coro: Awaitable[T]) -> T | None:
     """Await a side task; log and swallow its error (it must never kill the worker)."""
     try:
         return await coro
@@ -82,7 +106,7 @@ class PostProcess:
         self.retry_delays = tuple(retry_delays)
         #: optional hook run on each finished result before its images are saved (the image filter);
         #: it may replace images in place; if it raises, the job fails and nothing is posted
-        self.screen: Callable[[Job, Any], Awaitable[None]] | None = None
+        self.screen: Screen | None = None
         #: background tasks still running (the worker waits for them when it stops)
         self.tasks: set[asyncio.Task[None]] = set()
         self._io = io
@@ -97,12 +121,12 @@ class PostProcess:
         task.add_done_callback(self.tasks.discard)
         task.add_done_callback(_log_outcome)
 
-    async def _write(self, op: Callable[[], Awaitable[Any]], what: str) -> Any:
+    async def _write(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         return await retrying(op, what, delays=self.retry_delays)
 
     # --- finished generations -----------------------------------------------------------------
 
-    async def save_and_deliver(self, job: Job, result: Any) -> None:
+    async def save_and_deliver(self, job: Job, result: GenerationResult) -> None:
         """Screen, save and record a finished result, then deliver it; never raises.
 
         If the outcome cannot be recorded even after retries, the job is failed visibly; if even
@@ -118,7 +142,7 @@ class PostProcess:
         finally:
             self._held.discard(job.id)
 
-    async def _save_and_deliver(self, job: Job, result: Any) -> None:
+    async def _save_and_deliver(self, job: Job, result: GenerationResult) -> None:
         if await self._cancel_won(job):
             return
         if self.screen is not None:

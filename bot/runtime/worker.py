@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import os
 import socket
@@ -23,19 +25,40 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bot.discord_ui.member_images import load_source
 from bot.jobs.db import retrying
 from bot.jobs.extras import hires_of
-from bot.jobs.queue import Job, JobKind, JobQueue
+from bot.jobs.models import Job, JobKind
+from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 from bot.runtime.engine import Engine, EngineState
-from bot.runtime.postprocess import Deliverer, PostProcess, safe
+from bot.runtime.postprocess import Deliverer, PostProcess, Screen, safe
+from bot.runtime.sources import load_source
 from generator.errors import Cancelled, GeneratorError
 from generator.params import GenerationParams
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from generator.pipeline import GenerationResult
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class WorkerState(enum.StrEnum):
+    """What the worker is doing (its value is what /pony-admin status and /healthz show)."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    GENERATING = "generating"
+    #: paused by an admin (`Worker.pause`): queued jobs wait
+    PAUSED = "paused"
+    #: the model is loading, failed to load or hung (`Worker.describe` names which)
+    WAITING_FOR_MODEL = "waiting for model"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
 
 
 class JobTimeout(GeneratorError):
@@ -108,7 +131,7 @@ class Worker:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.worker_id = new_worker_id()
-        self.paused = False
+        self._paused = False
         self.heartbeat = heartbeat or (lambda: None)
         #: called once when the worker cannot go on in this process (a hung GPU thread)
         self.on_fatal = on_fatal or (lambda reason: None)
@@ -134,18 +157,47 @@ class Worker:
         #: the next batch, claimed while the running generation finishes (see `_claim_ahead`)
         self._ahead: asyncio.Future[list[Job]] | None = None
         self.current_job_ids: list[int] = []
-        self.state = "starting"
+        self.state = WorkerState.STARTING
 
     @property
-    def screen(self) -> Callable[[Job, Any], Awaitable[None]] | None:
+    def screen(self) -> Screen | None:
         """The image filter hook, run on each finished result before saving (see `PostProcess`)."""
         return self.post.screen
 
     @screen.setter
-    def screen(self, hook: Callable[[Job, Any], Awaitable[None]] | None) -> None:
+    def screen(self, hook: Screen | None) -> None:
         self.post.screen = hook
 
+    @property
+    def on_finished(self) -> Callable[[Job], Awaitable[None] | None] | None:
+        """Called with each job that reached its outcome through this worker (see `PostProcess`)."""
+        return self.post.on_finished
+
+    @on_finished.setter
+    def on_finished(self, hook: Callable[[Job], Awaitable[None] | None] | None) -> None:
+        self.post.on_finished = hook
+
+    def describe(self) -> str:
+        """The state in words, e.g. "idle" or "waiting for model (loading)"."""
+        if self.state is WorkerState.WAITING_FOR_MODEL:
+            return f"{self.state.value} ({self.engine.state.value})"
+        return self.state.value
+
     # --- control ------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        """True while paused (`pause`): no new job starts; a running one finishes."""
+        return self._paused
+
+    def pause(self) -> None:
+        """Start no new jobs until `resume` (the running batch finishes; one claimed ahead goes back)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Start jobs again after `pause`."""
+        self._paused = False
+        self.wake()
 
     def start(self) -> None:
         """Recover left-over jobs and start draining the queue."""
@@ -197,7 +249,7 @@ class Worker:
         if self._lease_task is not None:
             self._lease_task.cancel()
         self._io.shutdown(wait=False)
-        self.state = "stopped"
+        self.state = WorkerState.STOPPED
 
     # --- main loop ----------------------------------------------------------------------------
 
@@ -215,7 +267,7 @@ class Worker:
                 log.exception("worker step failed; going on")
                 await self._idle()
         await safe(self._release_ahead())
-        self.state = "stopping"
+        self.state = WorkerState.STOPPING
 
     async def _recover(self) -> None:
         """Put back what a previous process left running; retried until the database answers."""
@@ -243,8 +295,8 @@ class Worker:
 
     async def _step(self) -> None:
         """Claim and run one batch, or wait a little when there is nothing to do."""
-        if self.paused or self.engine.state is not EngineState.READY:
-            self.state = "paused" if self.paused else f"waiting for model ({self.engine.state.value})"
+        if self._paused or self.engine.state is not EngineState.READY:
+            self.state = WorkerState.PAUSED if self._paused else WorkerState.WAITING_FOR_MODEL
             await self._release_ahead()
             await self._idle()
             return
@@ -255,10 +307,10 @@ class Worker:
             await self._idle()
             return
         if not jobs:
-            self.state = "idle"
+            self.state = WorkerState.IDLE
             await self._idle()
             return
-        self.state = "generating"
+        self.state = WorkerState.GENERATING
         await self._process(jobs)
 
     async def _claim(self) -> list[Job]:
@@ -279,7 +331,7 @@ class Worker:
         if (
             self._ahead is None
             and not self._stopping
-            and not self.paused
+            and not self._paused
             and self.engine.state is EngineState.READY
         ):
             self._ahead = asyncio.ensure_future(self._claim())
@@ -408,7 +460,7 @@ class Worker:
         )
         for job in jobs:
             await retrying(
-                lambda job=job: self.queue.release(job.id, self.worker_id, solo=True),
+                functools.partial(self.queue.release, job.id, self.worker_id, solo=True),
                 f"putting job #{job.id} back",
             )
             self._held.discard(job.id)
@@ -419,7 +471,9 @@ class Worker:
         """The GPU thread is hung: stop taking work, put the jobs back, and ask for a restart."""
         self.engine.mark_hung(reason)
         for job in jobs:
-            await safe(retrying(lambda job=job: self.queue.release(job.id, self.worker_id), "putting back"))
+            await safe(
+                retrying(functools.partial(self.queue.release, job.id, self.worker_id), "putting back")
+            )
             self._held.discard(job.id)
             self.post.spawn(self.post.report(job.id))  # "Retrying soon" (or its cancel notice)
         await safe(self._release_ahead())
@@ -427,11 +481,11 @@ class Worker:
         self._stopping = True
         self.on_fatal(reason)
 
-    async def _generate(self, jobs: list[Job]) -> list[Any]:
+    async def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
         runs = [self._running[j.id] for j in jobs]
         loop = asyncio.get_running_loop()
 
-        def progress(step: int, total: int, preview: Any = None) -> None:
+        def progress(step: int, total: int, preview: Image.Image | None = None) -> None:
             for run in runs:
                 loop.call_soon_threadsafe(self.delivery.progress, run.job, step, total, preview)
             loop.call_soon_threadsafe(self.heartbeat)
@@ -444,6 +498,7 @@ class Worker:
         first = jobs[0]
         params = GenerationParams.from_dict(first.params)
         kwargs = {"progress": progress, "should_cancel": should_cancel}
+        call: Awaitable[GenerationResult | list[GenerationResult]]
         if first.kind == JobKind.TXT2IMG and len(jobs) > 1:
             call = self.engine.call(
                 "txt2img_batch", [GenerationParams.from_dict(j.params) for j in jobs], **kwargs
@@ -454,14 +509,14 @@ class Worker:
             source = await self._source_image(first)
             if first.kind == JobKind.UPSCALE:
                 call = self.engine.call("upscale", source, params, **kwargs)
-            else:  # an upload's own strength (bot.member_images), else the configured one
+            else:  # an upload's own strength (bot.discord_ui.member_images), else the configured one
                 call = self.engine.call(
                     "variation", source, params, strength=first.params.get("strength"), **kwargs
                 )
         result = await self._watched(runs, call)
         return result if isinstance(result, list) else [result]
 
-    def _txt2img_call(self, job: Job, params: GenerationParams, **kwargs: Any) -> Awaitable[Any]:
+    def _txt2img_call(self, job: Job, params: GenerationParams, **kwargs: Any) -> Awaitable[GenerationResult]:
         """txt2img, or the hires fix when the job asks for it (`params["hires"]`, never batched)."""
         hires = hires_of(job.params)
         if hires is None:
@@ -470,7 +525,7 @@ class Worker:
             "txt2img_hires", params, scale=float(hires["scale"]), strength=hires.get("strength"), **kwargs
         )
 
-    async def _watched(self, runs: list[_Running], call: Awaitable[Any]) -> Any:
+    async def _watched(self, runs: list[_Running], call: Awaitable[T]) -> T:
         """Await a generator call under the watchdog: past `job_timeout_s` it is asked to stop
         (JobTimeout); one that ignores that for `cancel_grace_s` means a hung GPU (GpuHung)."""
         task = asyncio.ensure_future(call)
@@ -490,7 +545,7 @@ class Worker:
             raise JobTimeout(f"The generation took longer than {self.job_timeout_s:g} s and was stopped.")
         return task.result()
 
-    async def _source_image(self, job: Job) -> Any:
+    async def _source_image(self, job: Job) -> Image.Image:
         """The parent's image for upscale/variation (see `_image_of`), or the member's upload
         (`params["source"]`, screened by the image filter)."""
         if job.parent_id is None and job.params.get("source"):
@@ -500,7 +555,7 @@ class Worker:
             raise GeneratorError("The original image no longer exists.")
         return await self._image_of(parent, job.image_index or 0, [self._running[job.id]])
 
-    async def _image_of(self, job: Job, index: int, runs: list[_Running]) -> Any:
+    async def _image_of(self, job: Job, index: int, runs: list[_Running]) -> Image.Image:
         """Image `index` of a finished job: read from disk, or re-created if retention deleted it.
 
         Re-creation repeats what made the image (txt2img from its seed; a variation or upscale of
@@ -549,9 +604,9 @@ class Worker:
             if running is not None and running.timed_out:
                 await self.post.fail(job, JobTimeout("The generation took too long and was stopped."))
                 continue
-            if not await retrying(lambda job=job: self.queue.finish_cancelled(job.id), "cancelling"):
+            if not await retrying(functools.partial(self.queue.finish_cancelled, job.id), "cancelling"):
                 # stopped by us (shutdown), not by the user: put it back for the next start
-                await retrying(lambda job=job: self.queue.release(job.id, self.worker_id), "putting back")
+                await retrying(functools.partial(self.queue.release, job.id, self.worker_id), "putting back")
                 self._held.discard(job.id)
                 continue
             self._held.discard(job.id)

@@ -23,7 +23,7 @@ from fake_discord import FakeDiscord, FakeMessage, SpecViolation, created_fakes,
 
 from bot.app import run_bot
 from bot.config import load_settings
-from bot.discord_ui.client import PonyBot
+from bot.discord_ui.services import Services
 from bot.runtime.engine import EngineState
 
 PONYBOT_SCRIPT = Path(sys.executable).with_name("ponybot")
@@ -131,26 +131,27 @@ def bot_env(fake: FakeDiscord, data_dir: Path, model: Path, **extra: Any) -> dic
 
 
 class InProcessBot:
-    """`run_bot` in this event loop, configured through the environment."""
+    """`run_bot` in this event loop, configured through the environment; `start` returns the bot's
+    `Services` (its Discord client is `.client`)."""
 
     def __init__(self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
         self.env = env
         self.monkeypatch = monkeypatch
-        self.bot: PonyBot | None = None
+        self.bot: Services | None = None
         self.task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    async def start(self, *, wait_model: bool = True) -> PonyBot:
+    async def start(self, *, wait_model: bool = True) -> Services:
         for key, value in self.env.items():
             self.monkeypatch.setenv(key, value)
         settings = load_settings()
         self._stop = asyncio.Event()
-        built: asyncio.Future[PonyBot] = asyncio.get_running_loop().create_future()
+        built: asyncio.Future[Services] = asyncio.get_running_loop().create_future()
         self.task = asyncio.create_task(
             run_bot(settings, handle_signals=False, stop=self._stop, started=built.set_result)
         )
         self.bot = await asyncio.wait_for(built, 10)
-        await wait_until(lambda: self.bot.is_ready() or self.task.done(), 20, "bot ready")
+        await wait_until(lambda: self.bot.client.is_ready() or self.task.done(), 20, "bot ready")
         if self.task.done():
             self.task.result()
         if wait_model:
@@ -172,7 +173,7 @@ async def start_bot(
     """`await start_bot(**env_overrides)` starts an in-process bot; all are stopped at the end."""
     bots: list[InProcessBot] = []
 
-    async def start(*, wait_model: bool = True, **extra: Any) -> PonyBot:
+    async def start(*, wait_model: bool = True, **extra: Any) -> Services:
         runner = InProcessBot(bot_env(discord_server, tmp_path / "data", tiny_model, **extra), monkeypatch)
         bots.append(runner)
         return await runner.start(wait_model=wait_model)
@@ -258,7 +259,7 @@ def is_result(message: FakeMessage) -> bool:
     )
 
 
-def slow_down_generation(bot: PonyBot, per_step_s: float) -> None:
+def slow_down_generation(bot: Services, per_step_s: float) -> None:
     """Make every generator call sleep `per_step_s` at each step (in the GPU thread), so tests can
     act while a job is running. Cancellation and progress keep working."""
     generator = bot.engine.generator
@@ -276,13 +277,13 @@ def slow_down_generation(bot: PonyBot, per_step_s: float) -> None:
         setattr(generator, name, slowed)
 
 
-async def job_status(bot: PonyBot, job_id: int) -> str | None:
+async def job_status(bot: Services, job_id: int) -> str | None:
     """The job's status in the database."""
     job = await bot.queue.get(job_id)
     return None if job is None else str(job.status)
 
 
-async def wait_for_status(bot: PonyBot, job_id: int, status: str, timeout: float) -> bool:
+async def wait_for_status(bot: Services, job_id: int, status: str, timeout: float) -> bool:
     """Poll the database until the job has `status`; AssertionError after `timeout` seconds."""
 
     async def has_status() -> bool:

@@ -89,7 +89,7 @@ async def test_pause_resume_cancel_and_purge(discord_server: FakeDiscord, start_
 async def test_ban_and_unban(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "mine"}, user=fake.bob)).startswith("Queued as job #1:")
     assert await admin(fake, "ban", {"user": fake.bob, "reason": "spam"}) == (
         f"Banned <@{fake.bob.id}> from ponybot here; cancelled 1 waiting job."
@@ -112,7 +112,7 @@ async def test_ban_and_unban(discord_server: FakeDiscord, start_bot) -> None:
 async def test_guild_settings_are_kept_and_applied(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     saved = await admin(
         fake,
         "settings set",

@@ -76,7 +76,7 @@ async def test_mentions_markdown_and_bidi_are_cleaned_never_pinged(
 ) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True  # the status message is enough
+    bot.worker.pause()  # the status message is enough
     prompt = f"@everyone @here <@&{fake.mods_role_id}> <@{fake.bob.id}> **bold** __u__ `code` ~~s~~ ||x||"
     ack = await answer(fake, {"prompt": prompt})
     assert ack.startswith("Queued as job #1:")
@@ -106,7 +106,7 @@ async def test_mentions_markdown_and_bidi_are_cleaned_never_pinged(
 async def test_blocked_terms_hidden_by_unicode_tricks(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot(PONY_BLOCKED_TERMS="gore, big cat")
-    bot.worker.paused = True
+    bot.worker.pause()
     for prompt in (
         "a g\u200bo\u200dr\u2060e pony",  # zero-width characters
         "ｇｏｒｅ",  # full-width letters
@@ -133,7 +133,7 @@ async def test_forged_and_stale_buttons(discord_server: FakeDiscord, start_bot) 
     ack = await answer(fake, {"prompt": "a pony", "count": 1})
     assert ack.startswith("Queued as job #1:")
     result = await fake.wait_for_message(is_result, timeout=60)
-    bot.worker.paused = True
+    bot.worker.pause()
     ack = await answer(fake, {"prompt": "waiting", "count": 1})
     assert ack.startswith("Queued as job #2:")
     status = (await wait_until(lambda: job_messages(fake, 2), 10, "status"))[0]
@@ -229,7 +229,7 @@ async def test_fifty_commands_in_five_seconds(discord_server: FakeDiscord, start
 async def test_full_queue_says_when_to_retry(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot(PONY_MAX_QUEUE=1)
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "first"})).startswith("Queued as job #1:")
     refused = await answer(fake, {"prompt": "second"}, user=fake.bob)
     assert re.fullmatch(r"The queue is full right now; try again in about \d+ s\.", refused), refused

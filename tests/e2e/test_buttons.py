@@ -99,7 +99,7 @@ async def test_delete_by_requester_moderator_and_others(discord_server: FakeDisc
 async def test_cancel_while_queued(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     interaction = await fake.slash("pony", {"prompt": "wait for me"})
     await interaction.wait_followup()
     status = (await wait_until(lambda: job_messages(fake, 1), 10, "status message"))[0]
@@ -117,8 +117,7 @@ async def test_cancel_while_queued(discord_server: FakeDiscord, start_bot) -> No
         "notice",
     )
     assert cancelled.buttons() == []
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     await bot.worker._idle()  # one poll cycle: nothing to claim
     assert job_messages(fake, 1) == [cancelled] and not is_result(cancelled)
 

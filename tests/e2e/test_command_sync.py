@@ -17,7 +17,8 @@ from fake_discord import FakeDiscord
 
 from bot.discord_ui.command_sync import CommandSyncRefused, sync_commands
 from bot.jobs.app_state import AppState
-from bot.jobs.queue import JobQueue, QueueLimits
+from bot.jobs.models import QueueLimits
+from bot.jobs.queue import JobQueue
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,8 @@ from fake_discord import (
 )
 
 from bot.jobs.guild_settings import GuildSettingsStore
-from bot.jobs.queue import JobQueue, QueueLimits
+from bot.jobs.models import QueueLimits
+from bot.jobs.queue import JobQueue
 
 ROOT = Path(__file__).resolve().parents[2]
 #: deliberately not token-shaped, so the test proves it is never printed (not just redacted by shape)

@@ -29,7 +29,7 @@ from fake_discord import (
 )
 from test_bad_input import answer, job_total
 
-from bot.discord_ui.actions import BUSY
+from bot.errors import BUSY
 from bot.runtime.engine import EngineState
 from bot.runtime.worker import WorkerFailed
 from generator.pipeline import BLANK_MESSAGE, OOM_MESSAGE
@@ -116,12 +116,11 @@ async def test_missing_permissions_up_front_and_at_delivery(discord_server: Fake
 
     # permission lost while the job waits: 403 Missing Permissions at delivery
     await fake.set_bot_permissions(channel, full)
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "a pony"})).startswith("Queued as job #1:")
     await wait_until(lambda: job_messages(fake, 1), 10, "status message")
     await fake.set_bot_permissions(channel, full & ~ATTACH_FILES)
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     notice = await final_message(fake, 1)
     reason = "I lost permission to post in that channel (Missing Permissions)."
     assert field(notice, "Reason") == reason and not notice.attachments
@@ -138,23 +137,21 @@ async def test_message_or_channel_deleted_while_the_job_waits(
 ) -> None:
     fake = discord_server
     bot = await start_bot(PONY_DEFAULT_COUNT=1)
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "one"})).startswith("Queued as job #1:")
     status = (await wait_until(lambda: job_messages(fake, 1), 10, "status"))[0]
     await fake.delete_message_externally(status.id)
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     result = await fake.wait_for_message(is_result, timeout=60)
     assert result.id != status.id and job_messages(fake, 1) == [result], "posted anew, once"
     assert await wait_until_async(lambda: has_status(bot, 1, "done"), 10, "done")
 
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "two"})).startswith("Queued as job #2:")
     await wait_until(lambda: job_messages(fake, 2), 10, "status")
     caplog.set_level(logging.ERROR, logger="bot.discord_ui.delivery")
     await fake.delete_channel(fake.channel_id)
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     assert await wait_until_async(lambda: has_status(bot, 2, "failed"), 60, "failed")
     reason = "The channel was deleted before the result could be posted."
     job = await bot.queue.get(2)
@@ -181,7 +178,7 @@ async def test_gateway_dropped_and_resumed_mid_job(discord_server: FakeDiscord, 
     assert job_messages(fake, 1) == [result]
     assert await wait_until_async(lambda: has_status(bot, 1, "done"), 10, "done")
     # and the bot still answers commands
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "after"})).startswith("Queued as job #2:")
 
 
@@ -301,7 +298,7 @@ async def test_model_load_failure_keeps_the_bot_up_and_the_queue(
     assert ack.endswith("\nThe generator is unavailable right now; your job is kept in the queue.")
     await bot.worker._idle()
     assert (await bot.queue.get(1)).status == "queued"
-    assert bot.worker.state == "waiting for model (failed)"
+    assert bot.worker.describe() == "waiting for model (failed)"
     runner = start_bot.runners[0]
     assert not runner.task.done(), "the bot is still up"
     status = await fake.slash("pony-admin", {}, subcommand="status", user=fake.admin)

@@ -14,7 +14,7 @@ from bot.policy.guard import NSFW_ONLY
 async def test_pony_queue_lists_my_jobs_with_cancel_buttons(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     listing = await fake.slash("pony-queue", {})
     assert await followup_text(listing) == "You have no open jobs here."
     assert (await answer(fake, {"prompt": "first **one**"})).startswith("Queued as job #1:")
@@ -81,7 +81,7 @@ async def test_pony_info_shows_parameters_and_reposts_with_buttons(
     assert await followup_text(missing) == "There is no job #999 in this server."
 
     # a job made in an age-restricted channel is not shown in a work-safe one
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "spicy"}, channel_id=fake.nsfw_channel_id)).startswith(
         "Queued as job #3:"
     )

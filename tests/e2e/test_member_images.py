@@ -379,7 +379,8 @@ async def test_retention_deletes_old_uploads_and_a_rerun_then_says_so(
 
 
 async def test_hires_jobs_are_never_batched(tmp_path) -> None:
-    from bot.jobs.queue import JobQueue, QueueLimits
+    from bot.jobs.models import QueueLimits
+    from bot.jobs.queue import JobQueue
     from generator.params import GenerationParams
 
     queue = await JobQueue.open(tmp_path / "q.db", QueueLimits(max_open_per_user=10))

@@ -24,7 +24,7 @@ from bot.jobs.db import connect
 from bot.jobs.retention import prune
 from bot.logging_setup import JsonLinesFormatter
 from bot.ops.about import USE_RESTRICTIONS, bot_version
-from bot.ops.stats import format_duration
+from bot.policy.text import format_duration
 
 
 def free_port() -> int:
@@ -79,14 +79,13 @@ async def test_metrics_move_as_jobs_run_and_each_state_change_is_logged(
     assert metric(text, "ponybot_images_total") == 0
     assert metric(text, "ponybot_gpu_memory_bytes") is None  # CPU: no GPU gauge
 
-    bot.worker.paused = True
+    bot.worker.pause()
     interaction = await fake.slash("pony", {"prompt": "counted", "count": 2})
     await interaction.wait_followup()
     _, text = await fetch(f"{base}/metrics")
     assert metric(text, "ponybot_queue_jobs", status="queued") == 1
 
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     await fake.wait_for_message(is_result, timeout=60)
 
     async def counted() -> str | None:
@@ -131,7 +130,7 @@ async def test_healthz_turns_unhealthy_when_the_worker_is_stuck(
     discord_server: FakeDiscord, start_bot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = discord_server
-    monkeypatch.setattr(bot.ops, "REFRESH_S", 0.2)
+    monkeypatch.setattr(bot.ops.ops, "REFRESH_S", 0.2)
     port = free_port()
     pony = await start_bot(PONY_METRICS_PORT=port, PONY_HEALTH_STUCK_S=2)
     healthz = f"http://127.0.0.1:{port}/healthz"
@@ -171,7 +170,7 @@ async def test_healthz_turns_unhealthy_when_the_worker_is_stuck(
 async def test_pony_stats_matches_the_jobs_table(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     pony = await start_bot()
-    pony.worker.paused = True
+    pony.worker.pause()
     first = await fake.slash("pony", {"prompt": "one", "count": 2})
     await first.wait_followup()
     second = await fake.slash("pony", {"prompt": "two", "count": 1, "sampler": "Euler a"}, user=fake.bob)
@@ -179,8 +178,7 @@ async def test_pony_stats_matches_the_jobs_table(discord_server: FakeDiscord, st
     status = (await wait_until(lambda: job_messages(fake, 2), 10, "status of job 2"))[0]
     click = await fake.click(status.id, button_id(status, "Cancel"), user=fake.bob)
     await click.wait_followup()
-    pony.worker.paused = False
-    pony.worker.wake()
+    pony.worker.resume()
     await fake.wait_for_message(is_result, timeout=60)
     await wait_until_async(lambda: _status_is(pony, 1, "done"), 20, "job 1 done")
 
@@ -208,8 +206,8 @@ async def test_pony_stats_matches_the_jobs_table(discord_server: FakeDiscord, st
     assert (jobs, images, len(waits), len(runs)) == (2, 2, 1, 1)
     assert f"**Last 24 h:** {jobs} jobs, {images} images" in text
     assert f"**Last 7 days:** {jobs} jobs, {images} images" in text
-    assert f"**Wait (7 d):** median {format_duration(waits[0])}" in text
-    assert f"**Run time (7 d):** median {format_duration(runs[0])}" in text
+    assert f"**Wait (7 d):** median {format_duration(waits[0], precise=True)}" in text
+    assert f"**Run time (7 d):** median {format_duration(runs[0], precise=True)}" in text
     assert "**Top samplers (7 d):** DDIM (1), Euler a (1)" in text
     assert "**Outcomes (7 d):** done 1 · failed 0 · dead 0 · cancelled 1" in text
 

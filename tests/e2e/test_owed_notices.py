@@ -25,7 +25,7 @@ from test_bad_input import answer
 from test_faults import field, final_message, has_status, title
 
 from bot.discord_ui.delivery import post_nonce
-from bot.jobs.queue import crashed_message
+from bot.jobs.models import crashed_message
 from generator.errors import BadOutput
 from generator.pipeline import BLANK_MESSAGE
 
@@ -181,7 +181,7 @@ async def test_notices_owed_by_a_dead_process_are_shown_after_a_restart(
     fake = discord_server
     env = {**FAST, "PONY_MAX_ATTEMPTS": 2}
     bot = await start_bot(**env)
-    bot.worker.paused = True
+    bot.worker.pause()
     for n, user in enumerate((fake.alice, fake.bob, fake.owner), start=1):
         assert (await answer(fake, {"prompt": f"left behind {n}"}, user=user)).startswith(
             f"Queued as job #{n}:"
@@ -229,7 +229,7 @@ async def test_notices_owed_by_a_dead_process_are_shown_after_a_restart(
 
     # a running job whose worker vanished while this process runs: its lease expires, the sweep
     # buries it at the attempt limit and shows why
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "orphan"})).startswith("Queued as job #4:")
     orphan = await status_message(fake, 4)
     async with bot.queue.exclusive() as conn:
@@ -366,14 +366,13 @@ async def test_failure_notice_falls_back_to_a_dm_and_settles_when_dms_are_closed
     fake = discord_server
     bot = await start_bot(**FAST)
     fail_prompt(bot, "doomed", BadOutput(BLANK_MESSAGE))
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "doomed"})).startswith("Queued as job #1:")
     assert (await answer(fake, {"prompt": "doomed"}, user=fake.bob)).startswith("Queued as job #2:")
     statuses = {n: (await status_message(fake, n)).id for n in (1, 2)}
     fake.block_dms(fake.bob)
     await fake.delete_channel(fake.channel_id)
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
 
     told = f"Your ponybot job #1 in <#{fake.channel_id}> failed: {BLANK_MESSAGE}"
     await wait_until(lambda: dm_texts(fake, fake.alice) == [told], 60, "alice's DM")
@@ -412,7 +411,7 @@ async def test_posts_carry_a_fixed_nonce_and_a_lost_answer_leaves_one_result(
 ) -> None:
     fake = discord_server
     bot = await start_bot(**FAST)
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "said once"})).startswith("Queued as job #1:")
     status = await status_message(fake, 1)
     assert status.nonce == post_nonce(1, "s")
@@ -421,8 +420,7 @@ async def test_posts_carry_a_fixed_nonce_and_a_lost_answer_leaves_one_result(
     fake.fail_next(
         "POST", rf"^/channels/{fake.channel_id}/messages$", 500, times=DISCORD_PY_TRIES, apply=True
     )
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
 
     assert await wait_until_async(lambda: has_status(bot, 1, "done"), 60, "done after the redelivery sweep")
     await quiet_for(1.0)
@@ -451,7 +449,7 @@ async def test_posts_carry_a_fixed_nonce_and_a_lost_answer_leaves_one_result(
 async def test_own_message_found_beyond_the_last_100_messages(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot(**FAST)
-    bot.worker.paused = True
+    bot.worker.pause()
     assert (await answer(fake, {"prompt": "buried"})).startswith("Queued as job #1:")
     status = await status_message(fake, 1)
     async with bot.queue.exclusive() as conn:  # the id was never recorded (a crash after posting)
@@ -459,8 +457,7 @@ async def test_own_message_found_beyond_the_last_100_messages(discord_server: Fa
     for n in range(150):
         await fake.user_message(f"chatter {n}", user=fake.bob)
     assert len(fake.channel_messages(fake.channel_id, include_ephemeral=False)) >= 151
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
 
     assert await wait_until_async(lambda: has_status(bot, 1, "done"), 60, "done")
     result = fake.messages[status.id]

@@ -79,7 +79,7 @@ async def test_pony_posts_status_progress_and_result(discord_server: FakeDiscord
 async def test_queue_position_is_told_when_waiting(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     first = await fake.slash("pony", {"prompt": "one"})
     await first.wait_followup()
     second = await fake.slash("pony", {"prompt": "two"}, user=fake.bob)
@@ -89,8 +89,7 @@ async def test_queue_position_is_told_when_waiting(discord_server: FakeDiscord, 
     fields = {f["name"]: f["value"] for f in status[0].embeds[0]["fields"]}
     assert fields["Queue"].startswith("#2 in the queue")
     assert [label for label, _ in status[0].buttons()] == ["Cancel"]
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     await wait_until(
         lambda: all(is_result(m) for m in job_messages(fake, 1) + job_messages(fake, 2)), 60, "both"
     )

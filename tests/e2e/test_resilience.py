@@ -38,12 +38,11 @@ async def test_buttons_work_after_a_restart(discord_server: FakeDiscord, start_b
 async def test_expired_interaction_token_still_delivers(discord_server: FakeDiscord, start_bot) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     interaction = await fake.slash("pony", {"prompt": "patience"})
     await interaction.wait_followup()
     fake.expire_token(interaction)  # the job waited past the 15-minute interaction token
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     result = await fake.wait_for_message(is_result, timeout=60)
     assert job_messages(fake, 1) == [result]
     assert await wait_for_status(bot, 1, "done", 10)
@@ -189,14 +188,13 @@ async def test_crash_before_the_status_message_id_was_recorded_posts_once(
 ) -> None:
     fake = discord_server
     bot = await start_bot()
-    bot.worker.paused = True
+    bot.worker.pause()
     interaction = await fake.slash("pony", {"prompt": "lost id"})
     await interaction.wait_followup()
     status = (await wait_until(lambda: job_messages(fake, 1), 10, "status message"))[0]
     # as if the process died between posting the status message and recording its id
     await bot.queue.connection.execute("UPDATE jobs SET status_message_id = NULL WHERE id = 1")
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     await wait_for_status(bot, 1, "done", 60)
     messages = job_messages(fake, 1)
     assert [m.id for m in messages] == [status.id], "the bot found its own message and edited it"

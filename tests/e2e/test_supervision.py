@@ -164,11 +164,10 @@ async def test_a_failing_batch_is_retried_one_job_at_a_time(discord_server: Fake
         return single(params, **kwargs)
 
     gen.txt2img_batch, gen.txt2img = batched, alone
-    bot.worker.paused = True
+    bot.worker.pause()
     for prompt, user in (("blank", fake.alice), ("too big", fake.bob), ("fine", fake.mod)):
         assert (await answer(fake, {"prompt": prompt}, user=user)).startswith("Queued as job #")
-    bot.worker.paused = False
-    bot.worker.wake()
+    bot.worker.resume()
     assert is_result(await final_message(fake, 3, "Image"))
     assert is_result(await final_message(fake, 2, "Image")), "the OOM batch is not formed again"
     blank = await final_message(fake, 1)

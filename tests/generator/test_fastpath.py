@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from result_images import same_images
 
 from generator import fastpath
 from generator.config import GeneratorConfig
@@ -29,10 +30,6 @@ from generator.tiny import write_random_lora
 
 def _px(result: GenerationResult) -> list[np.ndarray]:
     return [np.asarray(im.image).astype(np.int16) for im in result.images]
-
-
-def _same(a: GenerationResult, b: GenerationResult) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(_px(a), _px(b), strict=True))
 
 
 def _config(model: Path, **kw: object) -> GeneratorConfig:
@@ -109,14 +106,14 @@ def test_compiled_routes_serve_warmed_shapes_with_the_same_pixels(
     warm_calls = unet.compiled_calls
 
     two = replace(params, count=2, sampler="Euler")  # float timesteps share the DDIM-warmed graph
-    assert _same(fresh.txt2img(two), generator.txt2img(two))
+    assert same_images(fresh.txt2img(two), generator.txt2img(two))
     assert unet.compiled_calls == warm_calls + two.steps and unet.eager_calls == 0
-    assert _same(fresh.txt2img(params), generator.txt2img(params))
+    assert same_images(fresh.txt2img(params), generator.txt2img(params))
     assert unet.eager_calls == 0
 
     # a size that was not warmed runs eager: no compile in the middle of the queue
     other = replace(params, width=128)
-    assert _same(fresh.txt2img(other), generator.txt2img(other))
+    assert same_images(fresh.txt2img(other), generator.txt2img(other))
     assert unet.eager_calls == other.steps and vae.eager_calls == 1
 
 
@@ -143,7 +140,7 @@ def test_compile_failure_in_warm_up_falls_back_to_eager(
     assert all(r.error for r in report.routes)
     assert "runs eager from now on" in caplog.text
     assert "compile off: RuntimeError: inductor exploded" in report.summary()
-    assert _same(fresh.txt2img(params), generator.txt2img(params))
+    assert same_images(fresh.txt2img(params), generator.txt2img(params))
 
 
 def test_compile_failure_after_warm_up_reruns_eager(
@@ -162,7 +159,7 @@ def test_compile_failure_after_warm_up_reruns_eager(
     unet.compiled = failing
     with caplog.at_level(logging.WARNING):
         result = fresh.txt2img(params)
-    assert _same(result, generator.txt2img(params))
+    assert same_images(result, generator.txt2img(params))
     assert calls == [1]  # tried once, then eager for good
     assert unet.error == "RuntimeError: recompile blew up"
     assert "UNet failed (RuntimeError: recompile blew up)" in caplog.text
@@ -258,7 +255,7 @@ def test_fast_lora_mode_runs_its_sampler_steps_and_guidance(
     # the metadata re-creates the image in fast mode; the plain model refuses the fast sampler
     from generator.metadata import to_params
 
-    assert _same(fast.txt2img(to_params(parsed)), result)
+    assert same_images(fast.txt2img(to_params(parsed)), result)
     with pytest.raises(Exception, match="Unknown sampler"):
         generator.txt2img(to_params(parsed))
     variation = fast.variation(result.images[0].image, request, strength=0.5)

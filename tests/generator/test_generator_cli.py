@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.cli import main as ponybot_main
 from generator.cli import main, tiny_model_main
 from generator.metadata import parse_parameters, read_parameters
 
@@ -61,7 +62,7 @@ def test_bad_values_one_line(
 
 def test_bad_setting_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("PONY_DEFAULT_STEPS", "many")
-    assert main(["x"]) == 2
+    assert ponybot_main(["generate", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PONY_DEFAULT_STEPS" in err[0]
 

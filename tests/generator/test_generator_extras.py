@@ -6,22 +6,15 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from result_images import same_images
 
 from generator.errors import InvalidParams
 from generator.metadata import parse_parameters
 from generator.params import GenerationParams
-from generator.pipeline import GenerationResult, Generator
+from generator.pipeline import Generator
 from generator.prompts import encode_text, tokenize_chunks
-
-
-def _same(a: GenerationResult, b: GenerationResult) -> bool:
-    return len(a.images) == len(b.images) and all(
-        np.array_equal(np.asarray(x.image), np.asarray(y.image))
-        for x, y in zip(a.images, b.images, strict=True)
-    )
 
 
 @pytest.fixture
@@ -46,13 +39,13 @@ def test_lora_applies_to_its_job_only(extras_generator: Generator, p: Generation
     g = extras_generator
     base = g.txt2img(p)
     with_lora = g.txt2img(replace(p, prompt="a pony <lora:detail:0.8>"))
-    assert not _same(base, with_lora)
-    assert _same(base, g.txt2img(p))  # the next job without LoRAs is untouched
-    assert _same(with_lora, g.txt2img(replace(p, prompt="a pony <lora:detail:0.8>")))
-    assert not _same(with_lora, g.txt2img(replace(p, prompt="a pony <lora:detail:0.3>")))
-    assert _same(base, g.txt2img(replace(p, prompt="a pony <lora:detail:0>")))  # weight 0 = none
+    assert not same_images(base, with_lora)
+    assert same_images(base, g.txt2img(p))  # the next job without LoRAs is untouched
+    assert same_images(with_lora, g.txt2img(replace(p, prompt="a pony <lora:detail:0.8>")))
+    assert not same_images(with_lora, g.txt2img(replace(p, prompt="a pony <lora:detail:0.3>")))
+    assert same_images(base, g.txt2img(replace(p, prompt="a pony <lora:detail:0>")))  # weight 0 = none
     # the tag is not encoded: the same as the plain prompt with the LoRA active
-    assert _same(with_lora, g.txt2img(replace(p, prompt="a pony<lora:Detail:0.8>")))
+    assert same_images(with_lora, g.txt2img(replace(p, prompt="a pony<lora:Detail:0.8>")))
 
 
 def test_adapters_are_loaded_once(
@@ -111,7 +104,7 @@ def test_batched_loras_equal_unbatched(extras_generator: Generator, p: Generatio
     ]
     batched = g.txt2img_batch(requests)
     for request, result in zip(requests, batched, strict=True):
-        assert _same(result, g.txt2img(request))
+        assert same_images(result, g.txt2img(request))
 
 
 def test_unloading_mode_for_compiled_routes(
@@ -122,14 +115,14 @@ def test_unloading_mode_for_compiled_routes(
     base, with_lora = g.txt2img(p), g.txt2img(lora_p)
     monkeypatch.setattr(g.loras, "keep_loaded", False)
     try:
-        assert _same(base, g.txt2img(p))  # unloads the adapters
-        assert _same(with_lora, g.txt2img(lora_p))  # loads (reads the file: it was dropped)
-        assert _same(base, g.txt2img(p))
+        assert same_images(base, g.txt2img(p))  # unloads the adapters
+        assert same_images(with_lora, g.txt2img(lora_p))  # loads (reads the file: it was dropped)
+        assert same_images(base, g.txt2img(p))
         assert not getattr(g.pipe.unet, "peft_config", None)  # the plain modules are back
         import safetensors.torch
 
         monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read again"))
-        assert _same(with_lora, g.txt2img(lora_p))  # re-added from memory
+        assert same_images(with_lora, g.txt2img(lora_p))  # re-added from memory
     finally:
         g.txt2img(p)
 
@@ -180,7 +173,7 @@ def test_embedding_changes_the_image_and_metadata(
     g = extras_generator
     plain = g.txt2img(replace(p, negative="ugly"))
     embedded = g.txt2img(replace(p, negative="ugly, easyneg"))
-    assert not _same(plain, embedded)
+    assert not same_images(plain, embedded)
     parsed = parse_parameters(embedded.images[0].parameters)
     digest = hashlib.sha256((extras_dirs[1] / "easyneg.safetensors").read_bytes()).hexdigest()[:12]
     assert parsed["extra"]["TI hashes"] == f"easyneg: {digest}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from result_images import same_images
 
 from generator.errors import BadOutput, Cancelled, InvalidParams, OutOfMemory
 from generator.metadata import parse_parameters, read_parameters, save_png, to_params
@@ -19,12 +20,6 @@ from generator.samplers import SAMPLER_NAMES
 
 def _px(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
-
-
-def _same(a: GenerationResult, b: GenerationResult) -> bool:
-    return len(a.images) == len(b.images) and all(
-        np.array_equal(_px(x.image), _px(y.image)) for x, y in zip(a.images, b.images, strict=True)
-    )
 
 
 def test_txt2img_is_deterministic_and_recreatable(
@@ -43,10 +38,10 @@ def test_txt2img_is_deterministic_and_recreatable(
     for im in first.images:
         assert im.image.mode == "RGB" and im.image.size == (64, 64)
     assert not np.array_equal(_px(first.images[0].image), _px(first.images[1].image))
-    assert _same(first, generator.txt2img(replace(params, count=2)))
+    assert same_images(first, generator.txt2img(replace(params, count=2)))
 
     # image 2 alone, from the request
-    assert _same(GenerationResult([first.images[1]], 0, 64, 64), generator.txt2img(params.single(1)))
+    assert same_images(GenerationResult([first.images[1]], 0, 64, 64), generator.txt2img(params.single(1)))
 
     # image 2 alone, from the PNG's metadata
     path = save_png(first.images[1].image, tmp_path / "x.png", first.images[1].parameters)
@@ -60,7 +55,7 @@ def test_txt2img_is_deterministic_and_recreatable(
 def test_other_seed_differs(generator: Generator, params: GenerationParams) -> None:
     a = generator.txt2img(params)
     b = generator.txt2img(params.with_seed(params.seed + 100))
-    assert not _same(a, b)
+    assert not same_images(a, b)
 
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
@@ -69,7 +64,7 @@ def test_every_sampler_runs(generator: Generator, params: GenerationParams, samp
     a = generator.txt2img(p)
     assert a.images[0].image.size == (64, 128)
     assert f"Sampler: {sampler}," in a.images[0].parameters
-    assert _same(a, generator.txt2img(p))
+    assert same_images(a, generator.txt2img(p))
     varied = generator.variation(a.images[0].image, p, strength=0.7)  # img2img with this sampler
     assert varied.images[0].image.size == (64, 128)
 
@@ -120,7 +115,7 @@ def test_batched_equals_unbatched(generator: Generator, params: GenerationParams
     assert len(batched) == 4
     for request, result in zip(requests, batched, strict=True):
         assert [im.seed for im in result.images] == [request.seed + i for i in range(request.count)]
-        assert _same(result, generator.txt2img(request))
+        assert same_images(result, generator.txt2img(request))
     with pytest.raises(InvalidParams, match="share"):
         generator.txt2img_batch([params, replace(params, steps=4)])
     assert generator.txt2img_batch([]) == []
@@ -129,7 +124,7 @@ def test_batched_equals_unbatched(generator: Generator, params: GenerationParams
 def test_guidance_one_batches_without_cfg(generator: Generator, params: GenerationParams) -> None:
     p = replace(params, guidance=1.0, count=2)
     batched = generator.txt2img(p)
-    assert _same(GenerationResult([batched.images[1]], 0, 64, 64), generator.txt2img(p.single(1)))
+    assert same_images(GenerationResult([batched.images[1]], 0, 64, 64), generator.txt2img(p.single(1)))
 
 
 def test_variation(generator: Generator, params: GenerationParams) -> None:
@@ -143,7 +138,7 @@ def test_variation(generator: Generator, params: GenerationParams) -> None:
         assert not np.array_equal(_px(im.image), _px(source))
         assert "Denoising strength: 0.6" in im.parameters
     assert not np.array_equal(_px(result.images[0].image), _px(result.images[1].image))
-    assert _same(result, generator.variation(source.resize((64, 128)), p, strength=0.6))
+    assert same_images(result, generator.variation(source.resize((64, 128)), p, strength=0.6))
     default = generator.variation(source, replace(p, count=1, steps=1))  # config strength, >= 1 step
     assert f"Denoising strength: {generator.config.variation_strength:g}" in default.images[0].parameters
     with pytest.raises(InvalidParams, match="strength"):
@@ -218,14 +213,14 @@ def test_nan_decode_retried_in_fp32(
     monkeypatch.setattr(vae, "decode", nan_once)
     result = generator.txt2img(params)
     assert calls == [torch.float32, torch.float32]
-    assert _same(result, expected)
+    assert same_images(result, expected)
 
     monkeypatch.setattr(vae, "decode", lambda latents, *a, **k: (torch.full((1, 3, 64, 64), -1.0),))
     with pytest.raises(BadOutput) as info:
         generator.txt2img(params)
     assert str(info.value) == BLANK_MESSAGE
     monkeypatch.undo()
-    assert _same(generator.txt2img(params), expected)
+    assert same_images(generator.txt2img(params), expected)
 
 
 def test_fp32_retry_restores_vae_dtype(generator: Generator) -> None:

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
+from result_images import same_images
 
 from generator.errors import InvalidParams
 from generator.metadata import parse_parameters, to_params
 from generator.params import GenerationParams
-from generator.pipeline import GenerationResult, Generator
+from generator.pipeline import Generator
 from generator.prompts import encode_text
 from generator.samplers import SAMPLER_NAMES, SAMPLER_SCHEDULES, SCHEDULE_NAMES
-
-
-def _same(a: GenerationResult, b: GenerationResult) -> bool:
-    return len(a.images) == len(b.images) and all(
-        np.array_equal(np.asarray(x.image), np.asarray(y.image))
-        for x, y in zip(a.images, b.images, strict=True)
-    )
 
 
 @pytest.fixture
@@ -105,7 +98,7 @@ def test_scheduled_prompts_batch_like_single_runs(generator: Generator, p) -> No
     for sampler in ("Euler a", "DPM++ SDE", "DPM++ 2M SDE"):
         batch = [replace(r, sampler=sampler) for r in requests]
         for request, result in zip(batch, generator.txt2img_batch(batch), strict=True):
-            assert _same(result, generator.txt2img(request))
+            assert same_images(result, generator.txt2img(request))
 
 
 def test_scheduled_variation_runs(generator: Generator, p) -> None:
@@ -128,7 +121,7 @@ def test_clip_skip_uses_an_earlier_layer(generator: Generator, p) -> None:
     assert torch.allclose(one, out.last_hidden_state) and torch.allclose(two, expected)
     assert not torch.allclose(one, two)
     a, b = generator.txt2img(p), generator.txt2img(replace(p, clip_skip=2))
-    assert not _same(a, b)
+    assert not same_images(a, b)
     assert "Clip skip: 2" in b.images[0].parameters and "Clip skip" not in a.images[0].parameters
 
 
@@ -145,7 +138,7 @@ def test_every_sampler_and_schedule(generator: Generator, p, sampler: str, sched
             generator.txt2img(q)
         return
     a = generator.txt2img(q)
-    assert _same(a, generator.txt2img(q))
+    assert same_images(a, generator.txt2img(q))
     text = a.images[0].parameters
     assert f"Sampler: {sampler}," in text
     assert ("Schedule type" in text) is (schedule != "automatic")

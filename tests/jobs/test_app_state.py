@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bot.jobs.app_state import AppState
-from bot.jobs.queue import JobQueue, QueueLimits
+from bot.jobs.models import QueueLimits
+from bot.jobs.queue import JobQueue
 
 
 async def test_get_set_replace_delete_and_survive_a_reopen(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bot.jobs.guild_settings import GuildSettings, GuildSettingsStore
-from bot.jobs.queue import JobQueue, QueueFull, QueueLimits
+from bot.jobs.models import QueueFull, QueueLimits
+from bot.jobs.queue import JobQueue
 
 G = 1_000_000_000_000_000_100
 CH1 = 1_000_000_000_000_000_110

@@ -11,16 +11,8 @@ from typing import Any
 
 import pytest
 
-from bot.jobs.queue import (
-    OPEN_STATUSES,
-    Job,
-    JobKind,
-    JobQueue,
-    JobStatus,
-    QueueFull,
-    QueueLimits,
-    RecoveryReport,
-)
+from bot.jobs.models import OPEN_STATUSES, Job, JobKind, JobStatus, QueueFull, QueueLimits, RecoveryReport
+from bot.jobs.queue import JobQueue
 
 T0 = 1_000_000.0
 LOOSE = QueueLimits(max_open_per_user=10_000, max_queued=10_000, cooldown_s=0.0)
@@ -192,7 +184,7 @@ async def test_per_user_open_cap(make_queue: MakeQueue) -> None:
     # enforce_limits=False (admin / re-creation) skips the cap
     await add(q, user=1, enforce_limits=False)
     assert len(await q.open_jobs(1)) == 4
-    assert {j.status for j in await q.open_jobs(1)} <= OPEN_STATUSES
+    assert {j.status for j in await q.open_jobs(1)} <= set(OPEN_STATUSES)
 
 
 async def test_global_queue_cap(make_queue: MakeQueue) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bot.jobs.db import integrity_ok
-from bot.jobs.queue import JobKind, JobQueue, JobStatus, QueueLimits
+from bot.jobs.models import JobKind, JobStatus, QueueLimits
+from bot.jobs.queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL")
@@ -27,7 +28,8 @@ WORKER = textwrap.dedent(
     """
     import asyncio, sys, time
     from pathlib import Path
-    from bot.jobs.queue import JobQueue, QueueLimits
+    from bot.jobs.models import QueueLimits
+    from bot.jobs.queue import JobQueue
 
     async def main(db, mode, worker_id, max_attempts):
         q = await JobQueue.open(Path(db), QueueLimits(max_attempts=max_attempts))

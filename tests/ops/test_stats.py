@@ -19,7 +19,6 @@ from bot.ops.stats import (
     HourlySeries,
     Stats,
     compute_stats,
-    format_duration,
     format_stats,
     hourly_series,
     render_chart,
@@ -317,9 +316,20 @@ def test_format_stats_text() -> None:
     assert len(text) < 2000
 
 
-def test_format_duration() -> None:
-    assert format_duration(None) == "n/a"
-    assert format_duration(0.04) == "0.0 s"
-    assert format_duration(59.94) == "59.9 s"
-    assert format_duration(61) == "1 m 01 s"
-    assert format_duration(7322) == "2 h 02 m"
+def test_format_stats_escapes_sampler_names_from_the_db() -> None:
+    stats = Stats(
+        now=NOW,
+        jobs_24h=1,
+        jobs_7d=1,
+        images_24h=1,
+        images_7d=1,
+        wait_median_s=None,
+        wait_p95_s=None,
+        run_median_s=None,
+        run_p95_s=None,
+        top_samplers=[("@everyone `x`|" + "y" * 60, 1)],
+    )
+    line = format_stats(stats).splitlines()[4]
+    assert "@everyone" not in line and "\\`x\\`\\|" in line
+    name = line.removeprefix("**Top samplers (7 d):** ").removesuffix(" (1)")
+    assert len(name) == 40 and name.endswith("…")

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from bot.config import load_settings
-from bot.discord_ui.actions import Refusal
+from bot.errors import Refusal
 from bot.jobs.guild_settings import GuildSettings
-from bot.jobs.queue import JobQueue, QueueLimits
+from bot.jobs.models import QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.policy.guard import (
     BANNED,
     BLOCKED,

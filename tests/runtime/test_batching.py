@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from worker_helpers import run_until_done
 
-from bot.jobs.queue import Job, JobKind, JobQueue, QueueLimits
+from bot.jobs.models import Job, JobKind, QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.runtime.engine import Engine
 from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig

@@ -54,7 +54,8 @@ from PIL import Image
 import bot.runtime.worker
 from bot.discord_ui.delivery import NOTICE_STATUSES, is_permanent, post_nonce
 from bot.jobs.db import retrying
-from bot.jobs.queue import TERMINAL_STATUSES, Job, JobKind, JobQueue, JobStatus, QueueFull, QueueLimits
+from bot.jobs.models import TERMINAL_STATUSES, Job, JobKind, JobStatus, QueueFull, QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.runtime.engine import Engine
 from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig
@@ -341,10 +342,10 @@ DB_OPS: dict[str, str] = {
     "generated_stats": "INSERT INTO queue_stats",  # the second statement: the first one committed
     "done": "SET status = 'done'",
     "notified": "UPDATE jobs SET notified_at",
-    "fail": "lease_owner = NULL, lease_expires_at = NULL WHERE id = :id RETURNING *",
-    "cancel": "WHERE id = ? AND status = 'queued' RETURNING id",
+    "fail": "WHERE id = :id RETURNING *",
+    "cancel": "WHERE id = :id AND status = 'queued' RETURNING id",
     "finish_cancelled": "status IN ('running', 'queued') AND cancel_requested = 1",
-    "release": "solo = max(solo, ?)",
+    "release": "solo = max(solo, :solo)",
     "recover": "WHERE status = 'running' AND lease_owner IS NOT ?",
     "requeue_expired": "WHERE status = 'running' AND lease_expires_at < ?",
 }

@@ -14,7 +14,8 @@ import pytest
 import torch
 from worker_helpers import run_until_done, wait_for, wait_for_status
 
-from bot.jobs.queue import Job, JobKind, JobQueue, JobStatus, QueueLimits
+from bot.jobs.models import Job, JobKind, JobStatus, QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.runtime.engine import Engine
 from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig

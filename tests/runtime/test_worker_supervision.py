@@ -7,7 +7,8 @@ from typing import Any
 
 from worker_helpers import wait_for
 
-from bot.jobs.queue import Job, JobQueue, QueueLimits
+from bot.jobs.models import Job, QueueLimits
+from bot.jobs.queue import JobQueue
 from bot.runtime.engine import Engine
 from bot.runtime.worker import Worker
 from generator.config import GeneratorConfig

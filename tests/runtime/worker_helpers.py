@@ -6,7 +6,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from bot.jobs.queue import Job, JobQueue, JobStatus
+from bot.jobs.models import Job, JobStatus
+from bot.jobs.queue import JobQueue
 from bot.runtime.worker import Worker
 
 

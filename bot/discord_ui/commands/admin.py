@@ -12,17 +12,21 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import discord
 from discord import app_commands
 
 from bot.config import Settings
-from bot.discord_ui.actions import cancel_text
-from bot.jobs.guild_settings import GuildSettings, GuildSettingsStore
-from bot.jobs.queue import JobStatus
+from bot.discord_ui.actions import JobActions, cancel_text
+from bot.discord_ui.replies import tell
+from bot.discord_ui.services import Services
+from bot.jobs.guild_settings import Ban, GuildSettings
+from bot.jobs.models import JobStatus
+from bot.jobs.queue import JobQueue
 from bot.policy.guard import Policy, normalize_term
 from bot.policy.text import escape_for_discord
+from bot.runtime.engine import Engine
+from bot.runtime.worker import Worker, WorkerState
 from generator.params import MAX_COUNT, MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
@@ -56,50 +60,37 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return interaction.guild_id is not None and (perms.manage_guild or perms.administrator)
 
 
-async def _begin(interaction: discord.Interaction) -> Any:
-    """Defer (ephemeral) and return the bot, or answer NOT_ADMIN and return None."""
+async def _begin(interaction: discord.Interaction) -> bool:
+    """Defer (ephemeral); True for an admin, else answer NOT_ADMIN and return False."""
     await interaction.response.defer(ephemeral=True, thinking=True)
     if not is_admin(interaction):
         log.warning(
             "refused /pony-admin to a member without Manage Server", extra={"user_id": interaction.user.id}
         )
-        await _reply(interaction, NOT_ADMIN)
-        return None
-    return interaction.client
+        await tell(interaction, NOT_ADMIN)
+        return False
+    return True
 
 
-async def _reply(interaction: discord.Interaction, text: str) -> None:
-    try:
-        await interaction.followup.send(text[:2000], ephemeral=True)
-    except discord.HTTPException as exc:
-        log.warning("could not answer /pony-admin: %s", exc)
-
-
-def _store(bot: Any) -> GuildSettingsStore:
-    store = bot.guard.store
-    assert store is not None, "the guard has no settings store"
-    return store
+def _guild_id(interaction: discord.Interaction) -> int:
+    """The guild of an admin's interaction (`_begin` checked there is one)."""
+    assert interaction.guild_id is not None, "checked by is_admin"
+    return interaction.guild_id
 
 
 def _admin_command(
     group: app_commands.Group, name: str, description: str
-) -> Callable[[Callable[..., Awaitable[str]]], Any]:
-    """Register `fn(bot, interaction, **options) -> reply text` as a checked subcommand."""
+) -> Callable[[Callable[..., Awaitable[str]]], app_commands.Command[app_commands.Group, ..., None]]:
+    """Register `fn(interaction, **options) -> reply text` as a checked subcommand."""
 
-    def decorate(fn: Callable[..., Awaitable[str]]) -> Any:
-        async def callback(interaction: discord.Interaction, **options: Any) -> None:
-            bot = await _begin(interaction)
-            if bot is not None:
-                await _reply(interaction, await fn(bot, interaction, **options))
+    def decorate(fn: Callable[..., Awaitable[str]]) -> app_commands.Command[app_commands.Group, ..., None]:
+        async def callback(interaction: discord.Interaction, **options: object) -> None:
+            if await _begin(interaction):
+                await tell(interaction, await fn(interaction, **options))
 
-        # discord.py reads the options (and @describe/@choices data) from the callback: give it
-        # fn's, less the leading `bot`.
+        # discord.py reads the options (and @describe/@choices data) from the callback: give it fn's
         functools.update_wrapper(callback, fn)
-        signature = inspect.signature(fn)
-        callback.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p for p in signature.parameters.values() if p.name != "bot"]
-        )
-        callback.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "bot"}
+        callback.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
         return group.command(name=name, description=description)(callback)
 
     return decorate
@@ -108,13 +99,12 @@ def _admin_command(
 # --- texts --------------------------------------------------------------------------------------
 
 
-async def status_text(bot: Any) -> str:
+async def status_text(queue: JobQueue, worker: Worker, engine: Engine) -> str:
     """Queue depth, running job, worker state, model and GPU memory."""
-    counts = await bot.queue.counts()
-    worker = bot.worker
-    engine = bot.engine
+    counts = await queue.counts()
     running = ", ".join(f"#{job_id}" for job_id in worker.current_job_ids) or "nothing"
-    state = worker.state + (" (paused)" if worker.paused and worker.state != "paused" else "")
+    paused = worker.paused and worker.state is not WorkerState.PAUSED  # e.g. finishing a job
+    state = worker.describe() + (" (paused)" if paused else "")
     model = engine.describe() + (f": {engine.error}" if engine.error else "")
     gpu = engine.gpu_memory()
     gpu_line = (
@@ -133,10 +123,10 @@ async def status_text(bot: Any) -> str:
     )
 
 
-def settings_text(settings: Settings, guild: GuildSettings, policy: Policy, bans: list[Any]) -> str:
+def settings_text(settings: Settings, guild: GuildSettings, policy: Policy, bans: list[Ban]) -> str:
     """The guild's effective settings, each marked (server) when overridden here."""
 
-    def mark(value: Any) -> str:
+    def mark(value: object) -> str:
         return " (server)" if value is not None else ""
 
     def shown(text: str) -> str:
@@ -174,13 +164,13 @@ def _negative(value: str | None) -> str | None:
     return "" if value.strip().lower() in EMPTY_WORDS else value.strip()
 
 
-async def _purge(bot: Any, guild_id: int, user_id: int) -> tuple[int, int]:
+async def _purge(queue: JobQueue, actions: JobActions, guild_id: int, user_id: int) -> tuple[int, int]:
     """Cancel a member's open jobs in the guild: (cancelled, stopping)."""
     cancelled = stopping = 0
-    for job in await bot.queue.open_jobs(user_id):
+    for job in await queue.open_jobs(user_id):
         if job.guild_id != guild_id or job.status is JobStatus.GENERATED:
             continue
-        outcome = await bot.actions.cancel_job(job)
+        outcome = await actions.cancel_job(job)
         if outcome == "requested":
             stopping += 1
         elif outcome == "cancelled":
@@ -198,8 +188,11 @@ def _purged(cancelled: int, stopping: int) -> str:
 # --- the group ----------------------------------------------------------------------------------
 
 
-def admin_group(settings: Settings) -> app_commands.Group:
-    """Build `/pony-admin` with its subcommands."""
+def admin_group(services: Services) -> app_commands.Group:
+    """Build `/pony-admin` with its subcommands, served by `services`."""
+    settings = services.settings
+    queue, worker, actions = services.queue, services.worker, services.actions
+    store = services.guild_settings
     steps_limit = settings.max_steps
     group = app_commands.Group(
         name="pony-admin",
@@ -218,75 +211,73 @@ def admin_group(settings: Settings) -> app_commands.Group:
     )
 
     @_admin_command(group, "status", "Queue depth, running job, worker, model and GPU")
-    async def status(bot: Any, interaction: discord.Interaction) -> str:
-        return await status_text(bot)
+    async def status(interaction: discord.Interaction) -> str:
+        return await status_text(queue, worker, services.engine)
 
     @_admin_command(group, "pause", "Stop starting new jobs (the running one finishes)")
-    async def pause(bot: Any, interaction: discord.Interaction) -> str:
-        if bot.worker.paused:
+    async def pause(interaction: discord.Interaction) -> str:
+        if worker.paused:
             return "The worker is already paused."
-        bot.worker.paused = True
+        worker.pause()
         log.info("worker paused by an admin", extra={"user_id": interaction.user.id})
         return "Paused: queued jobs wait (a running job finishes). Use /pony-admin resume to go on."
 
     @_admin_command(group, "resume", "Start jobs again after a pause")
-    async def resume(bot: Any, interaction: discord.Interaction) -> str:
-        if not bot.worker.paused:
+    async def resume(interaction: discord.Interaction) -> str:
+        if not worker.paused:
             return "The worker isn't paused."
-        bot.worker.paused = False
-        bot.worker.wake()
+        worker.resume()
         log.info("worker resumed by an admin", extra={"user_id": interaction.user.id})
         return "Resumed: queued jobs start again."
 
     @_admin_command(group, "cancel", "Cancel any member's job")
     @app_commands.describe(job="The job number")
-    async def cancel(bot: Any, interaction: discord.Interaction, job: app_commands.Range[int, 1]) -> str:
-        found = await bot.queue.get(job)
+    async def cancel(interaction: discord.Interaction, job: app_commands.Range[int, 1]) -> str:
+        found = await queue.get(job)
         if found is None or found.guild_id != interaction.guild_id:
             return f"There is no job #{job} in this server."
         log.info("admin cancel", extra={"job_id": job, "user_id": interaction.user.id})
-        return cancel_text(job, await bot.actions.cancel_job(found))
+        return cancel_text(job, await actions.cancel_job(found))
 
     @_admin_command(group, "purge", "Cancel all open jobs of a member")
     @app_commands.describe(user="Whose jobs to cancel")
-    async def purge(bot: Any, interaction: discord.Interaction, user: discord.User) -> str:
-        cancelled, stopping = await _purge(bot, interaction.guild_id, user.id)
+    async def purge(interaction: discord.Interaction, user: discord.User) -> str:
+        cancelled, stopping = await _purge(queue, actions, _guild_id(interaction), user.id)
         return f"<@{user.id}>: {_purged(cancelled, stopping)}."
 
     @_admin_command(group, "ban", "Stop a member from using ponybot here (cancels their jobs)")
     @app_commands.describe(user="Who to ban", reason="Why (kept with the ban)")
     async def ban(
-        bot: Any,
         interaction: discord.Interaction,
         user: discord.User,
         reason: app_commands.Range[str, 1, 200] | None = None,
     ) -> str:
         if user.id == interaction.user.id:
             return "You can't ban yourself."
-        created = await _store(bot).ban(interaction.guild_id, user.id, interaction.user.id, reason)
-        cancelled, stopping = await _purge(bot, interaction.guild_id, user.id)
+        guild_id = _guild_id(interaction)
+        created = await store.ban(guild_id, user.id, interaction.user.id, reason)
+        cancelled, stopping = await _purge(queue, actions, guild_id, user.id)
         log.info("member banned", extra={"user_id": user.id, "by": interaction.user.id})
         first = f"Banned <@{user.id}> from ponybot here" if created else f"<@{user.id}> was already banned"
         return f"{first}; {_purged(cancelled, stopping)}."
 
     @_admin_command(group, "unban", "Let a banned member use ponybot again")
     @app_commands.describe(user="Who to unban")
-    async def unban(bot: Any, interaction: discord.Interaction, user: discord.User) -> str:
-        if await _store(bot).unban(interaction.guild_id, user.id):
+    async def unban(interaction: discord.Interaction, user: discord.User) -> str:
+        if await store.unban(_guild_id(interaction), user.id):
             log.info("member unbanned", extra={"user_id": user.id, "by": interaction.user.id})
             return f"Unbanned <@{user.id}>."
         return f"<@{user.id}> isn't banned."
 
     # --- settings -------------------------------------------------------------------------------
 
-    async def show(bot: Any, guild_id: int) -> str:
-        store = _store(bot)
+    async def show(guild_id: int) -> str:
         guild = await store.get(guild_id)
         return settings_text(settings, guild, Policy.build(settings, guild), await store.bans(guild_id))
 
     @_admin_command(settings_group, "show", "This server's settings, bans and allowed channels")
-    async def settings_show(bot: Any, interaction: discord.Interaction) -> str:
-        return await show(bot, interaction.guild_id)
+    async def settings_show(interaction: discord.Interaction) -> str:
+        return await show(_guild_id(interaction))
 
     @_admin_command(settings_group, "set", "Change defaults and limits for this server")
     @app_commands.describe(
@@ -299,7 +290,6 @@ def admin_group(settings: Settings) -> app_commands.Group:
         nsfw_negative="Negative prompt added in age-restricted channels ('none' for none)",
     )
     async def settings_set(
-        bot: Any,
         interaction: discord.Interaction,
         default_steps: app_commands.Range[int, 1, steps_limit] | None = None,
         default_count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
@@ -334,58 +324,56 @@ def admin_group(settings: Settings) -> app_commands.Group:
         values = {k: v for k, v in values.items() if v is not None}
         if not values:
             return "Nothing to change: give at least one option."
-        store = _store(bot)
-        current = await store.get(interaction.guild_id)
-        steps = values.get("default_steps", current.default_steps) or settings.default_steps
-        limit = values.get("max_steps", current.max_steps) or settings.max_steps
+        guild_id = _guild_id(interaction)
+        current = await store.get(guild_id)
+        steps = (current.default_steps if default_steps is None else default_steps) or settings.default_steps
+        limit = (current.max_steps if max_steps is None else max_steps) or settings.max_steps
         if steps > limit:
             return f"Default steps ({steps}) can't be above max steps ({limit})."
-        await store.set_values(interaction.guild_id, interaction.user.id, values)
+        await store.set_values(guild_id, interaction.user.id, values)
         log.info("guild settings changed: %s", sorted(values), extra={"user_id": interaction.user.id})
-        return "Saved.\n" + await show(bot, interaction.guild_id)
+        return "Saved.\n" + await show(guild_id)
 
     @_admin_command(settings_group, "reset", "Go back to the global value of one setting, or all")
     @app_commands.describe(setting="Which one (everything also clears channels and blocked terms)")
     @app_commands.choices(setting=[app_commands.Choice(name=k, value=k) for k in RESETTABLE])
-    async def settings_reset(bot: Any, interaction: discord.Interaction, setting: str) -> str:
+    async def settings_reset(interaction: discord.Interaction, setting: str) -> str:
         if setting not in RESETTABLE:
             return f"Unknown setting; choose one of: {', '.join(RESETTABLE)}."
-        store = _store(bot)
+        guild_id = _guild_id(interaction)
         column = RESETTABLE[setting]
         if column is None:
-            await store.reset(interaction.guild_id)
+            await store.reset(guild_id)
         else:
-            await store.set_values(interaction.guild_id, interaction.user.id, {column: None})
+            await store.set_values(guild_id, interaction.user.id, {column: None})
         log.info("guild setting reset: %s", setting, extra={"user_id": interaction.user.id})
-        return f"Reset {setting}.\n" + await show(bot, interaction.guild_id)
+        return f"Reset {setting}.\n" + await show(guild_id)
 
     # --- channels -------------------------------------------------------------------------------
 
     @_admin_command(channels_group, "allow", "Allow ponybot in a channel (then only in allowed ones)")
     @app_commands.describe(channel="The channel")
-    async def channels_allow(bot: Any, interaction: discord.Interaction, channel: discord.TextChannel) -> str:
-        store = _store(bot)
-        current = await store.get(interaction.guild_id)
+    async def channels_allow(interaction: discord.Interaction, channel: discord.TextChannel) -> str:
+        guild_id = _guild_id(interaction)
+        current = await store.get(guild_id)
         if channel.id not in current.allowed_channels and len(current.allowed_channels) >= MAX_CHANNELS:
             return f"At most {MAX_CHANNELS} channels can be listed."
-        updated = await store.allow_channel(interaction.guild_id, interaction.user.id, channel.id)
+        updated = await store.allow_channel(guild_id, interaction.user.id, channel.id)
         listed = ", ".join(f"<#{c}>" for c in updated.allowed_channels)
         return f"ponybot now works only in: {listed}."
 
     @_admin_command(channels_group, "disallow", "Remove a channel from the allowed list")
     @app_commands.describe(channel="The channel")
-    async def channels_disallow(
-        bot: Any, interaction: discord.Interaction, channel: discord.TextChannel
-    ) -> str:
-        updated = await _store(bot).disallow_channel(interaction.guild_id, interaction.user.id, channel.id)
+    async def channels_disallow(interaction: discord.Interaction, channel: discord.TextChannel) -> str:
+        updated = await store.disallow_channel(_guild_id(interaction), interaction.user.id, channel.id)
         if not updated.allowed_channels:
             return "No channels are listed: ponybot works in every channel."
         listed = ", ".join(f"<#{c}>" for c in updated.allowed_channels)
         return f"ponybot now works only in: {listed}."
 
     @_admin_command(channels_group, "clear", "Allow ponybot in every channel again")
-    async def channels_clear(bot: Any, interaction: discord.Interaction) -> str:
-        await _store(bot).clear_list(interaction.guild_id, interaction.user.id, "allowed_channels")
+    async def channels_clear(interaction: discord.Interaction) -> str:
+        await store.clear_list(_guild_id(interaction), interaction.user.id, "allowed_channels")
         return "ponybot works in every channel again."
 
     # --- blocked terms --------------------------------------------------------------------------
@@ -393,34 +381,34 @@ def admin_group(settings: Settings) -> app_commands.Group:
     @_admin_command(blocked_group, "add", "Refuse prompts with this term outside age-restricted channels")
     @app_commands.describe(term="A word or phrase (matched ignoring case, width and invisible characters)")
     async def blocked_add(
-        bot: Any, interaction: discord.Interaction, term: app_commands.Range[str, 1, MAX_TERM_CHARS]
+        interaction: discord.Interaction, term: app_commands.Range[str, 1, MAX_TERM_CHARS]
     ) -> str:
         norm = normalize_term(term)
         if not norm or len(norm) > MAX_TERM_CHARS:
             return f"A term needs 1 to {MAX_TERM_CHARS} letters or digits."
-        store = _store(bot)
-        current = await store.get(interaction.guild_id)
+        guild_id = _guild_id(interaction)
+        current = await store.get(guild_id)
         if norm not in current.blocked_terms and len(current.blocked_terms) >= MAX_TERMS:
             return f"At most {MAX_TERMS} terms can be blocked."
-        await store.add_blocked_term(interaction.guild_id, interaction.user.id, norm)
+        await store.add_blocked_term(guild_id, interaction.user.id, norm)
         log.info("blocked term added", extra={"user_id": interaction.user.id})
         return f"Blocked `{norm}` outside age-restricted channels."
 
     @_admin_command(blocked_group, "remove", "Stop blocking a term")
     @app_commands.describe(term="The term to unblock")
     async def blocked_remove(
-        bot: Any, interaction: discord.Interaction, term: app_commands.Range[str, 1, MAX_TERM_CHARS]
+        interaction: discord.Interaction, term: app_commands.Range[str, 1, MAX_TERM_CHARS]
     ) -> str:
         norm = normalize_term(term)
-        store = _store(bot)
-        if norm not in (await store.get(interaction.guild_id)).blocked_terms:
+        guild_id = _guild_id(interaction)
+        if norm not in (await store.get(guild_id)).blocked_terms:
             return f"`{norm}` isn't blocked in this server."
-        await store.remove_blocked_term(interaction.guild_id, interaction.user.id, norm)
+        await store.remove_blocked_term(guild_id, interaction.user.id, norm)
         return f"Unblocked `{norm}`."
 
     @_admin_command(blocked_group, "clear", "Remove all of this server's blocked terms")
-    async def blocked_clear(bot: Any, interaction: discord.Interaction) -> str:
-        await _store(bot).clear_list(interaction.guild_id, interaction.user.id, "blocked_terms")
+    async def blocked_clear(interaction: discord.Interaction) -> str:
+        await store.clear_list(_guild_id(interaction), interaction.user.id, "blocked_terms")
         return "Removed all of this server's blocked terms (global ones still apply)."
 
     return group

@@ -4,22 +4,21 @@ result posted again with working buttons, like Midjourney's /show).
 No `from __future__ import annotations` here: discord.py reads the parameter annotations.
 """
 
-import asyncio
 import logging
-from typing import Any
 
 import discord
 from discord import app_commands
 
-from bot.config import Settings
 from bot.discord_ui import messages
-from bot.discord_ui.actions import Refusal
-from bot.discord_ui.buttons import JobButton, result_view
-from bot.discord_ui.delivery import MESSAGE_FILES_LIMIT
-from bot.discord_ui.upload import fit_images
-from bot.jobs.queue import Job, JobKind, JobStatus
+from bot.discord_ui.buttons import ButtonAction, JobButton
+from bot.discord_ui.replies import tell
+from bot.discord_ui.result_message import build_result_message
+from bot.discord_ui.services import Services
+from bot.errors import Refusal
+from bot.jobs.models import Job, JobStatus
+from bot.jobs.queue import JobQueue
 from bot.policy.permissions import missing_permissions
-from bot.policy.text import escape_for_discord
+from bot.policy.text import escape_for_discord, format_duration
 from generator.params import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -41,29 +40,22 @@ _STATUS_WORDS = {
 }
 
 
-async def _tell(interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
-    try:
-        await interaction.followup.send(text, ephemeral=True, **kwargs)
-    except discord.HTTPException as exc:
-        log.warning("could not answer %s: %s", interaction.command and interaction.command.name, exc)
-
-
 # --- /pony-queue --------------------------------------------------------------------------------
 
 
-async def queue_lines(bot: Any, jobs: list[Job]) -> list[str]:
+async def queue_lines(queue: JobQueue, jobs: list[Job]) -> list[str]:
     """One line per open job: number, state, position or time left, prompt."""
     lines = []
     for job in jobs:
         prompt = escape_for_discord(str(job.params.get("prompt", "")), QUEUE_PROMPT_CHARS)
         if job.status is JobStatus.QUEUED:
-            position = await bot.queue.position(job.id)
-            eta = await bot.queue.eta_seconds(job.id)
+            position = await queue.position(job.id)
+            eta = await queue.eta_seconds(job.id)
             where = f"position {position}, " if position else ""
-            state = f"waiting: {where}about {messages.format_duration(eta)}"
+            state = f"waiting: {where}about {format_duration(eta)}"
         elif job.status is JobStatus.RUNNING:
-            eta = await bot.queue.eta_seconds(job.id)
-            state = f"generating: about {messages.format_duration(eta)} left"
+            eta = await queue.eta_seconds(job.id)
+            state = f"generating: about {format_duration(eta)} left"
         else:
             state = _STATUS_WORDS[job.status]
         lines.append(f"**#{job.id}** {state} — {prompt}")
@@ -75,33 +67,30 @@ def cancel_view(jobs: list[Job]) -> discord.ui.View | None:
     view = discord.ui.View(timeout=None)
     for job in jobs:
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and len(view.children) < MAX_BUTTONS:
-            button = JobButton("cancel", job.id)
+            button = JobButton(ButtonAction.CANCEL, job.id)
             button.item.label = f"Cancel #{job.id}"
             view.add_item(button)
     return view if view.children else None
 
 
-def queue_command(settings: Settings) -> app_commands.Command:
+def queue_command(queue: JobQueue) -> app_commands.Command:
     """Build `/pony-queue`."""
 
     @app_commands.command(name="pony-queue", description="Your open ponybot jobs, and buttons to cancel them")
     @app_commands.guild_only()
     async def pony_queue(interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        bot: Any = interaction.client
-        jobs = [
-            j for j in await bot.queue.open_jobs(interaction.user.id) if j.guild_id == interaction.guild_id
-        ]
+        jobs = [j for j in await queue.open_jobs(interaction.user.id) if j.guild_id == interaction.guild_id]
         if not jobs:
-            await _tell(interaction, "You have no open jobs here.")
+            await tell(interaction, "You have no open jobs here.")
             return
-        lines = await queue_lines(bot, jobs)
+        lines = await queue_lines(queue, jobs)
         view = cancel_view(jobs)
         text = "Your open jobs:\n" + "\n".join(lines)
         if view is not None:
             text += "\nPress a button below to cancel one."
         kwargs = {"view": view} if view is not None else {}
-        await _tell(interaction, text[:2000], **kwargs)
+        await tell(interaction, text, **kwargs)
 
     return pony_queue
 
@@ -134,7 +123,7 @@ def info_embed(job: Job) -> discord.Embed:
     embed.add_field(name="Count", value=str(params.count))
     embed.add_field(name="Created", value=f"<t:{int(job.created_at)}:R>")
     if job.gen_seconds:
-        embed.add_field(name="Time", value=messages.format_duration(job.gen_seconds))
+        embed.add_field(name="Time", value=format_duration(job.gen_seconds))
     if job.parent_id:
         index = f", image {job.image_index + 1}" if job.image_index is not None else ""
         embed.add_field(name="From", value=f"job #{job.parent_id}{index}")
@@ -143,11 +132,11 @@ def info_embed(job: Job) -> discord.Embed:
     return embed
 
 
-async def repost(bot: Any, interaction: discord.Interaction, job: Job) -> str:
+async def repost(services: Services, interaction: discord.Interaction, job: Job) -> str:
     """Post the job's result again in this channel; return what to tell the member."""
     if job.status is not JobStatus.DONE:
         return f"Job #{job.id} is {_STATUS_WORDS[job.status]}; there is no result to show."
-    paths = [bot.delivery.images_dir / name for name in job.result_files]
+    paths = [services.delivery.images_dir / name for name in job.result_files]
     if job.pruned_at is not None or not paths or not all(p.exists() for p in paths):
         return (
             f"The images of job #{job.id} have expired, so they can't be posted again; "
@@ -156,17 +145,12 @@ async def repost(bot: Any, interaction: discord.Interaction, job: Job) -> str:
     missing = missing_permissions(interaction.app_permissions)
     if missing:
         return f"I can't post it here: I'm missing {', '.join(missing)} in this channel."
-    loop = asyncio.get_running_loop()
-    fitted = await loop.run_in_executor(
-        None, fit_images, paths, bot.delivery.file_limit(job), MESSAGE_FILES_LIMIT
-    )
-    embed = messages.result_embed(job, fitted.size)
-    if fitted.note:
-        embed.add_field(name="Note", value=fitted.note, inline=False)
-    view = result_view(job.id, len(paths), can_vary=job.kind != JobKind.UPSCALE)
-    channel = bot.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
+    if interaction.channel_id is None:  # Discord names the channel of every interaction from a guild
+        return "I can't post it here."
+    post = await build_result_message(job, paths, services.delivery.file_limit(job))
+    channel = services.client.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
     try:
-        await channel.send(embed=embed, files=fitted.files, view=view)
+        await channel.send(embed=post.embed, files=post.files, view=post.view)
     except discord.HTTPException as exc:
         log.warning("could not re-post job %s: %s", job.id, exc, extra={"job_id": job.id})
         return "I couldn't post it here right now; try again in a moment."
@@ -174,7 +158,7 @@ async def repost(bot: Any, interaction: discord.Interaction, job: Job) -> str:
     return f"Posted job #{job.id} again below."
 
 
-def info_command(settings: Settings) -> app_commands.Command:
+def info_command(services: Services) -> app_commands.Command:
     """Build `/pony-info`."""
 
     @app_commands.command(name="pony-info", description="A job's parameters and seeds, and its result again")
@@ -184,25 +168,24 @@ def info_command(settings: Settings) -> app_commands.Command:
         interaction: discord.Interaction, job: app_commands.Range[int, 1, MAX_JOB_ID]
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        bot: Any = interaction.client
-        found = await bot.queue.get(job) if 1 <= job <= MAX_JOB_ID else None
+        found = await services.queue.get(job) if 1 <= job <= MAX_JOB_ID else None
         if found is None or found.guild_id != interaction.guild_id:
-            await _tell(interaction, f"There is no job #{job} in this server.")
+            await tell(interaction, f"There is no job #{job} in this server.")
             return
-        guard = bot.guard
+        guard = services.guard
         try:
-            guard.check_job_access(interaction, found, get_channel=bot.get_channel)
+            guard.check_job_access(interaction, found, get_channel=services.client.get_channel)
             policy = await guard.admit(interaction)
             guard.check_prompt(interaction.channel, str(found.params.get("prompt", "")), policy)
         except Refusal as exc:
-            await _tell(interaction, str(exc))
+            await tell(interaction, str(exc))
             return
-        text = await repost(bot, interaction, found)
-        await _tell(interaction, text, embed=info_embed(found))
+        text = await repost(services, interaction, found)
+        await tell(interaction, text, embed=info_embed(found))
 
     return pony_info
 
 
-def member_commands(settings: Settings) -> list[app_commands.Command]:
-    """The member slash commands, for `PonyBot.setup_hook` to add to its tree."""
-    return [queue_command(settings), info_command(settings)]
+def member_commands(services: Services) -> list[app_commands.Command]:
+    """The member slash commands, served by `services` (see `command_sync.add_commands`)."""
+    return [queue_command(services.queue), info_command(services)]

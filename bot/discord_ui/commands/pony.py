@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
+from bot.discord_ui.actions import JobActions
 from bot.discord_ui.member_images import MIN_STRENGTH
 from generator.extra_files import available_loras
 from generator.hires import DEFAULT_HIRES_SCALE, MAX_HIRES_SCALE, MIN_HIRES_SCALE
@@ -23,8 +24,8 @@ from generator.params import (
 from generator.samplers import SAMPLER_NAMES, SCHEDULES
 
 
-def pony_command(settings: Settings) -> app_commands.Command:
-    """Build `/pony` with limits taken from settings."""
+def pony_command(settings: Settings, actions: JobActions) -> app_commands.Command:
+    """Build `/pony` with limits taken from settings; `actions` serves it."""
     max_steps = settings.max_steps
 
     @app_commands.command(name="pony", description="Draw a picture with pony-diffusion")
@@ -69,7 +70,7 @@ def pony_command(settings: Settings) -> app_commands.Command:
         hires: bool | None = None,
         hires_scale: app_commands.Range[float, MIN_HIRES_SCALE, MAX_HIRES_SCALE] | None = None,
     ) -> None:
-        await interaction.client.actions.pony(  # type: ignore[attr-defined]
+        await actions.pony(
             interaction,
             prompt=prompt,
             negative=negative,
