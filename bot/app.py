@@ -3,7 +3,8 @@
 `build_services` is the only place that constructs services; `run_bot` (`ponybot run`) and
 `sync_now` (`ponybot sync`) both use it. The order settles who needs whom:
 
-1. the Discord client first (`PonyBot`; a REST-only `discord.Client` for `sync_now`): delivery,
+1. the Discord client first (`make_client`: a `PonyBot`, or a `ShardedPonyBot` when `PONY_SHARDS`
+   asks for shards; a REST-only `discord.Client` for `sync_now`): delivery,
    the image filter and the use cases post through it, and it is inert until started;
 2. the services, each given its collaborators in its constructor: guard (and its guild settings
    store), delivery, the worker, then `Ops`, which watches the worker and is handed the worker's
@@ -26,7 +27,7 @@ from discord import app_commands
 
 from bot.config import Settings
 from bot.discord_ui.actions import JobActions
-from bot.discord_ui.client import PonyBot, point_discord_at
+from bot.discord_ui.client import make_client, point_discord_at
 from bot.discord_ui.command_sync import SyncResult, add_commands, sync_commands
 from bot.discord_ui.delivery import Delivery
 from bot.discord_ui.member_images import ImageOptions, MemberImages
@@ -118,7 +119,7 @@ async def run_bot(
     settings.images_dir.mkdir(parents=True, exist_ok=True)
     queue = await open_queue(settings)
     engine = Engine(settings.generator_config())
-    client = PonyBot(settings)
+    client = make_client(settings)  # PONY_SHARDS: one gateway connection, or shards in this process
     services = build_services(settings, queue, engine, client)
     client.attach(services)
     if started is not None:

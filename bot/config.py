@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     discord_api_base: str = Field("https://discord.com", validation_alias=_env("DISCORD_API_BASE"))
     discord_gateway_url: str = Field("wss://gateway.discord.gg", validation_alias=_env("DISCORD_GATEWAY_URL"))
     discord_guild_id: int | None = Field(None, validation_alias=_env("DISCORD_GUILD_ID"))
+    #: gateway shards in this process: 1 (one connection), "auto" (as many as Discord recommends) or N
+    shards: int | Literal["auto"] = Field(1, validation_alias=_env("PONY_SHARDS"))
 
     # --- Storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), validation_alias=_env("PONY_DATA_DIR"))
@@ -136,6 +138,16 @@ class Settings(BaseSettings):
             if int(w) % 64 or int(h) % 64:
                 raise ValueError(f"{item.strip()}: width and height must be multiples of 64")
         return value
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards(cls, value: object) -> int | str:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError("use auto (the count Discord recommends) or a whole number of shards, 1 or more")
+        return int(text)
 
     @field_validator("discord_api_base", "discord_gateway_url")
     @classmethod

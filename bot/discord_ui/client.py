@@ -1,13 +1,17 @@
 """PonyBot, ponybot's discord.Client: commands, persistent buttons, gateway events, shutdown.
 
-The client builds no services. The composition root (bot.app) builds it first, then the services
-(some of which post through it: delivery, the image filter, the use cases), then hands them over
-with `attach`, which also puts the slash commands on the tree. Only then is the client started.
+The client builds no services. The composition root (bot.app) builds it first, with
+`make_client` (`PONY_SHARDS`: one gateway connection, `PonyBot`, or several shards in this process,
+`ShardedPonyBot`, which is PonyBot over discord.py's AutoShardedClient), then the services (some
+of which post through it: delivery, the image filter, the use cases), then hands them over with
+`attach`, which also puts the slash commands on the tree. Only then is the client started.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import discord
 import yarl
@@ -29,6 +33,9 @@ from bot.discord_ui.services import Services
 
 log = logging.getLogger(__name__)
 
+#: Discord allows one IDENTIFY per 5 seconds in each bucket (`shard_id % max_concurrency`)
+IDENTIFY_INTERVAL_S = 5.0
+
 
 def point_discord_at(api_base: str, gateway_url: str) -> None:
     """Send REST and gateway traffic to `api_base` / `gateway_url` (a local Discord in tests)."""
@@ -39,10 +46,13 @@ def point_discord_at(api_base: str, gateway_url: str) -> None:
 class PonyBot(discord.Client):
     """ponybot's Discord client; serves the commands and buttons of the `Services` it is attached to."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, shard_count: int | None = None):
+        """`shard_count` is for `ShardedPonyBot` (None there: as many as Discord recommends)."""
         intents = discord.Intents.default()
         intents.message_content = False
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(
+            intents=intents, allowed_mentions=discord.AllowedMentions.none(), shard_count=shard_count
+        )
         self.settings = settings
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
@@ -85,6 +95,9 @@ class PonyBot(discord.Client):
     async def on_ready(self) -> None:
         """Gateway connected: healthy again; log who and where we are."""
         self.services.ops.gateway(True)
+        self._log_logged_in()
+
+    def _log_logged_in(self) -> None:
         log.info(
             "logged in as %s (%s) in %d guilds", self.user, getattr(self.user, "id", "?"), len(self.guilds)
         )
@@ -131,3 +144,67 @@ class PonyBot(discord.Client):
         await services.worker.stop(grace_s=self.settings.shutdown_grace_s)
         await self.close()
         services.engine.shutdown()
+
+
+class ShardedPonyBot(PonyBot, discord.AutoShardedClient):
+    """PonyBot over several gateway shards in this one process (`PONY_SHARDS` auto or N > 1): each
+    guild's events arrive on shard `(guild_id >> 22) % shard_count`; the gateway state is kept per
+    shard, and IDENTIFYs are paced by Discord's `max_concurrency`."""
+
+    def __init__(self, settings: Settings, *, shard_count: int | None = None):
+        """`shard_count` None: as many shards as GET /gateway/bot recommends (`PONY_SHARDS=auto`)."""
+        super().__init__(settings, shard_count=shard_count)
+        self._max_concurrency: int | None = None
+        self._last_identify: dict[int, float] = {}  # rate-limit bucket -> monotonic time
+
+    async def on_ready(self) -> None:
+        """Every shard has received its guilds (the shards report their own state)."""
+        self._log_logged_in()
+        log.info("gateway: %d shards", self.shard_count or 0)
+
+    async def on_resumed(self) -> None:
+        """A shard resumed; counted per shard in `on_shard_resumed`."""
+
+    async def on_disconnect(self) -> None:
+        """A shard lost its connection; counted per shard in `on_shard_disconnect`."""
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        """A shard identified and has received its guilds."""
+        self._report_shard(shard_id, connected=True)
+
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        """A shard's session resumed."""
+        self._report_shard(shard_id, connected=True)
+
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        """A shard lost its connection (discord.py reconnects it)."""
+        self._report_shard(shard_id, connected=False)
+
+    def _report_shard(self, shard_id: int, *, connected: bool) -> None:
+        if not connected:
+            log.warning("gateway shard %d disconnected", shard_id)
+        self.services.ops.gateway(connected, shard_id=shard_id, shard_count=self.shard_count or 1)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Wait for this shard's IDENTIFY slot: one per `IDENTIFY_INTERVAL_S` in each rate-limit
+        bucket (`shard_id % max_concurrency`, from GET /gateway/bot), so shards in different
+        buckets start together instead of 5 s apart."""
+        if self._max_concurrency is None:
+            try:
+                self._max_concurrency = max(1, (await self.fetch_session_start_limits()).max_concurrency)
+            except discord.GatewayNotFound:
+                log.warning("could not read Discord's max_concurrency; identifying one shard at a time")
+                self._max_concurrency = 1
+        bucket = (shard_id or 0) % self._max_concurrency
+        last = self._last_identify.get(bucket)
+        if last is not None:
+            await asyncio.sleep(max(0.0, last + IDENTIFY_INTERVAL_S - time.monotonic()))
+        self._last_identify[bucket] = time.monotonic()
+
+
+def make_client(settings: Settings) -> PonyBot:
+    """The Discord client `PONY_SHARDS` asks for: `PonyBot` (one gateway connection) for 1,
+    `ShardedPonyBot` with Discord's recommended shard count for auto, or with N shards."""
+    if settings.shards == 1:
+        return PonyBot(settings)
+    return ShardedPonyBot(settings, shard_count=None if settings.shards == "auto" else settings.shards)

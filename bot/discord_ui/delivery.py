@@ -14,11 +14,13 @@ import io
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import discord
+from PIL import Image
 
 from bot.discord_ui import messages
 from bot.discord_ui.buttons import status_view
@@ -145,7 +147,7 @@ class Delivery:
         if message is not None:
             await self._quiet(message.edit(embed=messages.requeued_embed(job), attachments=[]))
 
-    def progress(self, job: Job, step: int, total: int, preview: Any = None) -> None:
+    def progress(self, job: Job, step: int, total: int, preview: Image.Image | None = None) -> None:
         """Called on the event loop for every step; edits at most every `progress_every_s`."""
         now = time.monotonic()
         if step < total and now - self._last_progress.get(job.id, 0.0) < self.progress_every_s:
@@ -156,7 +158,7 @@ class Delivery:
         self._last_progress[job.id] = now
         self._progress_tasks[job.id] = asyncio.ensure_future(self._edit_progress(job, step, total, preview))
 
-    async def _edit_progress(self, job: Job, step: int, total: int, preview: Any) -> None:
+    async def _edit_progress(self, job: Job, step: int, total: int, preview: Image.Image | None) -> None:
         async with self._locks[job.id]:
             current = await self.queue.get(job.id)
             if current is None or current.status not in (JobStatus.RUNNING, JobStatus.QUEUED):
@@ -328,7 +330,7 @@ class Delivery:
         self._progress_tasks.pop(job_id, None)
         self._locks.pop(job_id, None)
 
-    async def _quiet(self, coro: Any) -> None:
+    async def _quiet(self, coro: Awaitable[object]) -> None:
         try:
             await coro
         except discord.HTTPException as exc:

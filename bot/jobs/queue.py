@@ -8,62 +8,56 @@ Fairness: `claim` serves the guild served least recently (among guilds with queu
 within it the user served least recently, then that user's oldest eligible job. `queue_guilds` and
 `queue_users` (kept by triggers, see migrations/0001_jobs.sql) hold the per-guild / per-user queued
 counts and service times, so a claim walks waiting users in index order and never scans the jobs.
+
+The engine-neutral rules (admission refusals, retry back-off, failure and recovery outcomes, service
+stamps, batch room) live in `bot.jobs.queue_rules`, shared with the PostgreSQL twin of this queue
+(`bot.jobs.pg_queue.PgJobQueue`); both satisfy `bot.jobs.contract.JobQueueContract`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from bot.jobs import estimates
+from bot.jobs import estimates, queue_rules
 from bot.jobs.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
 from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
 from bot.jobs.models import (
     CANCELLED_ERROR,
     NOTICE_STATUSES,
-    OPEN_STATUSES,
     TERMINAL_STATUSES,
     Job,
     JobKind,
     JobStatus,
-    QueueFull,
     QueueLimits,
     RecoveryReport,
     crashed_message,
     sql_literals,
 )
+from bot.jobs.queue_rules import (
+    CANCELLABLE_SQL,
+    DELIVERABLE_SQL,
+    FREE_LEASE,
+    OPEN_SQL,
+    Admission,
+    Clock,
+    dumps,
+)
 from generator.params import BATCH_KEY_FIELDS  # the keys jobs must share to batch (one definition)
-
-Clock = Callable[[], float]
-
-_OPEN_SQL = f"({sql_literals(OPEN_STATUSES)})"
-#: the states `mark_done` finishes (normally generated; running is accepted too)
-_DELIVERABLE_SQL = sql_literals((JobStatus.GENERATED, JobStatus.RUNNING))
-#: the states `finish_cancelled` ends (a job whose cancel was requested)
-_CANCELLABLE_SQL = sql_literals((JobStatus.RUNNING, JobStatus.QUEUED))
-#: what every move out of `running` to a state without a worker clears
-_FREE_LEASE: tuple[str, ...] = ("lease_owner = NULL", "lease_expires_at = NULL")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
 
 # Everything enqueue needs to decide, in one round trip: an existing job for the interaction,
 # the user's open jobs (index jobs_user_open), the waiting total (kept per guild by triggers) and
 # the user's last enqueue time in this guild (kept by the insert trigger).
 _ADMISSION_SQL = f"""
 SELECT (SELECT id FROM jobs WHERE interaction_id = :interaction) AS existing,
-       (SELECT count(*) FROM jobs WHERE user_id = :user AND status IN {_OPEN_SQL}) AS open_jobs,
+       (SELECT count(*) FROM jobs WHERE user_id = :user AND status IN {OPEN_SQL}) AS open_jobs,
        (SELECT total(queued) FROM queue_guilds) AS queued,
        (SELECT last_enqueued_at FROM queue_users WHERE guild_id = :guild AND user_id = :user) AS last_enqueued
 """
@@ -262,7 +256,7 @@ class JobQueue:
                 " (SELECT max(last_served_at) FROM queue_users))"
             )
             self._last_served = float(row[0]) if row is not None and row[0] is not None else 0.0
-        stamp = max(now, self._last_served + 1e-6)
+        stamp = queue_rules.next_serve_stamp(now, self._last_served)
         self._last_served = stamp
         return stamp
 
@@ -284,13 +278,8 @@ class JobQueue:
         `finished_at` when `status` is terminal) with `:now`, which `params` must bind. One
         statement, so it is atomic on its own in autocommit mode.
         """
-        assignments = [f"status = '{status.value}'", *sets, "updated_at = :now"]
-        if status in TERMINAL_STATUSES:
-            assignments.append("finished_at = :now")
-        rows = await conn.execute_fetchall(
-            f"UPDATE jobs SET {', '.join(assignments)} WHERE {where} RETURNING {returning}", params
-        )
-        return list(rows)
+        sql = queue_rules.transition_sql(status, where, sets=sets, returning=returning)
+        return list(await conn.execute_fetchall(sql, params))
 
     async def _set_cancelled(
         self, conn: aiosqlite.Connection, where: str, params: Mapping[str, Any], *, returning: str = "id"
@@ -301,7 +290,7 @@ class JobQueue:
             JobStatus.CANCELLED,
             where,
             {**params, "error": CANCELLED_ERROR},
-            sets=("error = :error", *_FREE_LEASE),
+            sets=("error = :error", *FREE_LEASE),
             returning=returning,
         )
 
@@ -321,7 +310,7 @@ class JobQueue:
             JobStatus.QUEUED,
             where,
             {**params, "not_before": not_before},
-            sets=("not_before = :not_before", *sets, *_FREE_LEASE),
+            sets=("not_before = :not_before", *sets, *FREE_LEASE),
             returning=returning,
         )
 
@@ -341,7 +330,7 @@ class JobQueue:
             status,
             where,
             {**params, "error": error},
-            sets=("error = :error", *_FREE_LEASE),
+            sets=("error = :error", *FREE_LEASE),
             returning=returning,
         )
 
@@ -372,7 +361,7 @@ class JobQueue:
         per-user cap and cooldown).
         """
         kind = JobKind(kind)
-        params_json = _dumps(params)
+        params_json = dumps(params)
         async with self._write() as conn:
             now = self._clock()
             if interaction_id is not None or enforce_limits:
@@ -385,7 +374,10 @@ class JobQueue:
                     assert existing is not None
                     return existing, False
                 if enforce_limits:
-                    await self._check_limits(state, now, limits or self.limits)
+                    admission = Admission(state["open_jobs"], state["queued"], state["last_enqueued"])
+                    await queue_rules.check_limits(
+                        admission, now, limits or self.limits, lambda: self._slot_free_estimate(now)
+                    )
             # The insert trigger counts the job as waiting and stamps queue_users.last_enqueued_at.
             rows = await conn.execute_fetchall(
                 "INSERT INTO jobs (kind, parent_id, image_index, guild_id, channel_id, user_id,"
@@ -407,29 +399,6 @@ class JobQueue:
                 ),
             )
             return Job.from_row(next(iter(rows))), True
-
-    async def _check_limits(self, state: aiosqlite.Row, now: float, limits: QueueLimits) -> None:
-        """Raise `QueueFull` if the admission `state` (see `_ADMISSION_SQL`) breaks a limit."""
-        open_jobs = state["open_jobs"]
-        if open_jobs >= limits.max_open_per_user:
-            noun = "job" if open_jobs == 1 else "jobs"
-            raise QueueFull(
-                f"You already have {open_jobs} {noun} waiting; wait for one to finish.", None, "user"
-            )
-        if state["queued"] >= limits.max_queued:
-            retry_after = await self._slot_free_estimate(now)
-            raise QueueFull(
-                f"The queue is full ({limits.max_queued} jobs); try again in a few minutes.",
-                retry_after,
-                "queue",
-            )
-        last = state["last_enqueued"]
-        if limits.cooldown_s > 0 and last is not None and last > 0:
-            remaining = limits.cooldown_s - (now - last)
-            if remaining > 0:
-                raise QueueFull(
-                    f"Slow down: try again in {max(1, math.ceil(remaining))} s.", remaining, "cooldown"
-                )
 
     async def _slot_free_estimate(self, now: float) -> float:
         """Seconds until a queue slot frees (`estimates.slot_free_seconds`)."""
@@ -538,8 +507,8 @@ class JobQueue:
             jobs = [first]
             if not first.batchable:
                 return jobs
-            key = dict(zip(BATCH_KEY_FIELDS, first.batch_key, strict=True))
-            room = 2**31 if max_images is None else max_images - first.image_count
+            key = queue_rules.batch_key(first)
+            room = queue_rules.batch_room(first, max_images)
             while len(jobs) < max_jobs and room > 0:
                 job_id = await self._pick(now, {**key, "room": room})
                 if job_id is None:
@@ -616,8 +585,8 @@ class JobQueue:
                 JobStatus.GENERATED,
                 "id = :id AND status = 'running' AND lease_owner = :owner AND cancel_requested = 0",
                 {
-                    "files": _dumps(list(files)),
-                    "seeds": _dumps(list(seeds)),
+                    "files": dumps(list(files)),
+                    "seeds": dumps(list(seeds)),
                     "gen_seconds": gen_seconds,
                     "now": now,
                     "id": job_id,
@@ -650,7 +619,7 @@ class JobQueue:
             rows = await self._transition(
                 self._conn,
                 JobStatus.DONE,
-                f"id = :id AND status IN ({_DELIVERABLE_SQL})",
+                f"id = :id AND status IN ({DELIVERABLE_SQL})",
                 {"id": job_id, "now": now, "message": result_message_id},
                 sets=("result_message_id = :message", "notified_at = :now", "lease_expires_at = NULL"),
             )
@@ -694,21 +663,20 @@ class JobQueue:
             if job.status in TERMINAL_STATUSES:
                 return job
             params = {"id": job_id, "now": now}
-            if job.cancel_requested:
+            outcome = queue_rules.failure_outcome(job, retryable=retryable, limits=self.limits)
+            if outcome is JobStatus.CANCELLED:
                 rows = await self._set_cancelled(conn, "id = :id", params, returning="*")
-            elif retryable and job.attempts < self.limits.max_attempts:
-                backoff = self.limits.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
+            elif outcome is JobStatus.QUEUED:
                 rows = await self._requeue(
                     conn,
                     "id = :id",
                     {**params, "error": error},
-                    not_before=now + backoff,
+                    not_before=now + queue_rules.retry_backoff(self.limits, job.attempts),
                     sets=("error = :error",),
                     returning="*",
                 )
             else:
-                status = JobStatus.DEAD if retryable else JobStatus.FAILED
-                rows = await self._bury(conn, status, error, "id = :id", params, returning="*")
+                rows = await self._bury(conn, outcome, error, "id = :id", params, returning="*")
             return Job.from_row(rows[0])
 
     async def cancel(self, job_id: int) -> str:
@@ -743,7 +711,7 @@ class JobQueue:
         async with self._lock:
             rows = await self._set_cancelled(
                 self._conn,
-                f"id = :id AND status IN ({_CANCELLABLE_SQL}) AND cancel_requested = 1",
+                f"id = :id AND status IN ({CANCELLABLE_SQL}) AND cancel_requested = 1",
                 {"id": job_id, "now": now},
             )
         return bool(rows)
@@ -782,10 +750,11 @@ class JobQueue:
         for row in rows:
             job_id, attempts = row["id"], row["attempts"]
             params = {"id": job_id, "now": now}
-            if row["cancel_requested"]:
+            outcome = queue_rules.abandoned_outcome(attempts, bool(row["cancel_requested"]), self.limits)
+            if outcome is JobStatus.CANCELLED:
                 await self._set_cancelled(conn, "id = :id", params)
                 report.cancelled.append(job_id)
-            elif attempts >= self.limits.max_attempts:
+            elif outcome is JobStatus.DEAD:
                 await self._bury(conn, JobStatus.DEAD, crashed_message(attempts), "id = :id", params)
                 report.dead.append(job_id)
             else:
@@ -870,7 +839,7 @@ class JobQueue:
     async def open_jobs(self, user_id: int) -> list[Job]:
         """The user's queued, running and generated jobs, oldest first."""
         return await self._jobs(
-            f"SELECT * FROM jobs WHERE user_id = ? AND status IN {_OPEN_SQL} ORDER BY id", (user_id,)
+            f"SELECT * FROM jobs WHERE user_id = ? AND status IN {OPEN_SQL} ORDER BY id", (user_id,)
         )
 
     async def get(self, job_id: int) -> Job | None:
@@ -894,9 +863,7 @@ class JobQueue:
         """Number of jobs per status; every status is present (0 when none)."""
         async with self._lock:
             rows = await self._conn.execute_fetchall("SELECT status, count(*) FROM jobs GROUP BY status")
-        counts = {status.value: 0 for status in JobStatus}
-        counts.update({row[0]: row[1] for row in rows})
-        return counts
+        return queue_rules.status_counts((row[0], row[1]) for row in rows)
 
     async def recent_jobs(self, since: float) -> list[Job]:
         """Jobs created at or after `since` (a clock timestamp), oldest first; for stats."""

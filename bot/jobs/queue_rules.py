@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bot.jobs.models import (
     OPEN_STATUSES,
+    TERMINAL_STATUSES,
     Job,
     JobStatus,
     QueueFull,
@@ -24,6 +25,9 @@ from bot.jobs.models import (
     sql_literals,
 )
 from generator.params import BATCH_KEY_FIELDS
+
+#: the queue's time source: seconds as a float (`time.time`; tests pass a fake clock)
+Clock = Callable[[], float]
 
 #: `status IN <this>`: the open jobs (queued, running, generated)
 OPEN_SQL = f"({sql_literals(OPEN_STATUSES)})"
@@ -72,7 +76,9 @@ async def check_limits(
     if limits.cooldown_s > 0 and last is not None and last > 0:
         remaining = limits.cooldown_s - (now - last)
         if remaining > 0:
-            raise QueueFull(f"Slow down: try again in {max(1, math.ceil(remaining))} s.", remaining, "cooldown")
+            raise QueueFull(
+                f"Slow down: try again in {max(1, math.ceil(remaining))} s.", remaining, "cooldown"
+            )
 
 
 def retry_backoff(limits: QueueLimits, attempts: int) -> float:
@@ -118,3 +124,14 @@ def status_counts(rows: Iterable[tuple[str, int]]) -> dict[str, int]:
     counts = {status.value: 0 for status in JobStatus}
     counts.update({status: int(count) for status, count in rows})
     return counts
+
+
+def transition_sql(status: JobStatus, where: str, *, sets: Sequence[str] = (), returning: str = "id") -> str:
+    """The one UPDATE behind every status change (named `:params`; `:now` must be bound).
+
+    Besides `sets` it stamps `updated_at` (and `finished_at` when `status` is terminal) with `:now`.
+    """
+    assignments = [f"status = '{status.value}'", *sets, "updated_at = :now"]
+    if status in TERMINAL_STATUSES:
+        assignments.append("finished_at = :now")
+    return f"UPDATE jobs SET {', '.join(assignments)} WHERE {where} RETURNING {returning}"

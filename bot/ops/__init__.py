@@ -1,4 +1,3 @@
-"""Running the bot: metrics and health, /pony-stats numbers, logging of job events, `ponybot doctor`
-and the about text. May import `bot.runtime`, `bot.jobs`, `bot.policy` and the base modules; never
-`bot.discord_ui`.
+"""Running the bot: metrics and health, /pony-stats numbers, `ponybot doctor` and the about text.
+May import `bot.runtime`, `bot.jobs`, `bot.policy` and the base modules; never `bot.discord_ui`.
 """

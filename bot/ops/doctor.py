@@ -22,15 +22,19 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
+import aiosqlite
 import discord
 
 from bot.config import Settings, SettingsError, load_settings
 from bot.logging_setup import REDACTED, redact, setup_logging
 from bot.policy.permissions import REQUIRED, missing_permissions
 from generator.errors import first_line
+
+if TYPE_CHECKING:
+    from generator.pipeline import Generator
 
 GIB = 1024**3
 #: below this much free disk in the data folder, the check fails
@@ -128,7 +132,7 @@ def check_data_folder(settings: Settings, report: Report) -> bool:
 AllowedChannels = dict[int, tuple[int, ...]]
 
 
-async def _allowed_channels(conn: Any) -> AllowedChannels:
+async def _allowed_channels(conn: aiosqlite.Connection) -> AllowedChannels:
     """guild id -> the channels `/pony-admin channels allow` restricted the bot to (non-empty only)."""
     from bot.jobs.guild_settings import GuildSettings
 
@@ -231,7 +235,7 @@ def quiet_libraries() -> None:
     hub_utils.disable_progress_bars()
 
 
-async def check_model(settings: Settings, report: Report) -> Any:
+async def check_model(settings: Settings, report: Report) -> Generator | None:
     """Load the model as the bot does; returns the Generator, or None when it cannot load."""
     from generator.errors import ModelLoadError
     from generator.pipeline import Generator
@@ -275,7 +279,7 @@ async def check_model(settings: Settings, report: Report) -> Any:
     return generator
 
 
-async def check_upscaler(settings: Settings, report: Report, generator: Any) -> None:
+async def check_upscaler(settings: Settings, report: Report, generator: Generator | None) -> None:
     """The PONY_UPSCALER file loads (on the model's device when the model loaded)."""
     if settings.upscaler is None:
         report.ok("upscaler: none set; U buttons use the hires fix with the model")

@@ -2,7 +2,7 @@
 
 The composition root (bot.app) builds one `Ops` after the worker it watches and hands the worker
 its `worker_heartbeat` and `job_finished` hooks; the Discord client reports the gateway state
-(`gateway`). `run_bot` calls `start()` once everything is built and `stop()` on the way out. `start()` opens a database connection of its own (retention writes in its own
+(`gateway`, per shard when it runs several). `run_bot` calls `start()` once everything is built and `stop()` on the way out. `start()` opens a database connection of its own (retention writes in its own
 transactions, so it must not share the queue's), starts the periodic tasks and, when
 `PONY_METRICS_PORT` is set, the `/metrics` + `/healthz` server.
 """
@@ -48,6 +48,8 @@ class Ops:
         self.conn: aiosqlite.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._counted: OrderedDict[int, None] = OrderedDict()
+        self._shard_count = 1  # gateway shards the client runs (PONY_SHARDS)
+        self._shards_up: set[int] = set()
 
     # --- hooks ----------------------------------------------------------------------------------
 
@@ -55,9 +57,20 @@ class Ops:
         """The worker's `heartbeat`: alive now, busy when it holds jobs."""
         self.health.worker_heartbeat(busy=bool(self.worker.current_job_ids))
 
-    def gateway(self, connected: bool) -> None:
-        """Record a gateway connect (on_ready/on_resumed) or disconnect (on_disconnect)."""
-        self.health.set_gateway(connected)
+    def gateway(self, connected: bool, *, shard_id: int = 0, shard_count: int = 1) -> None:
+        """Record that gateway shard `shard_id` of `shard_count` (the one connection of an unsharded
+        client: 0 of 1) connected (ready/resumed) or lost its connection; health counts the gateway
+        as connected only while every shard is."""
+        self._shard_count = shard_count
+        if connected:
+            self._shards_up.add(shard_id)
+        else:
+            self._shards_up.discard(shard_id)
+        self.health.set_gateway(not self.shards_down())
+
+    def shards_down(self) -> list[int]:
+        """The gateway shards that are not connected now (ids, ascending)."""
+        return [shard for shard in range(self._shard_count) if shard not in self._shards_up]
 
     def job_finished(self, job: Job) -> None:
         """The worker's `on_finished`: count a job that ended, once, with its timings."""
@@ -77,6 +90,12 @@ class Ops:
         engine = self.engine
         details["model"] = engine.state.value
         details["worker"] = self.worker.describe()
+        down = self.shards_down()
+        details["gateway_shards"] = {
+            "total": self._shard_count,
+            "up": self._shard_count - len(down),
+            "down": down,
+        }
         if engine.state is EngineState.FAILED:
             details["reasons"].append(f"model failed to load: {engine.error}")
             ok = False

@@ -1,4 +1,5 @@
-"""Text hygiene for prompts: invisible characters, normalisation for matching, safe echoing."""
+"""Text for members: prompt hygiene (invisible characters, normalisation for matching), safe
+echoing, and durations as members read them."""
 
 from __future__ import annotations
 

@@ -17,10 +17,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from generator.config import GeneratorConfig
 from generator.errors import GeneratorError, ModelLoadError
+
+if TYPE_CHECKING:
+    from generator.pipeline import Generator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,13 +61,13 @@ class GeneratorUnavailable(GeneratorError):
 class Engine:
     """Runs generator calls one at a time in the GPU thread."""
 
-    def __init__(self, config: GeneratorConfig, loader: Callable[[GeneratorConfig], Any] | None = None):
+    def __init__(self, config: GeneratorConfig, loader: Callable[[GeneratorConfig], Generator] | None = None):
         self.config = config
         self._loader = loader
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ponybot-gpu")
         self.state = EngineState.LOADING
         self.error: str | None = None
-        self.generator: Any = None
+        self.generator: Generator | None = None
         self.load_seconds: float | None = None
         self._ready = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
@@ -77,7 +80,7 @@ class Engine:
             self._load_task = asyncio.get_running_loop().create_task(self._load())
         return self._load_task
 
-    def _load_in_thread(self) -> Any:
+    def _load_in_thread(self) -> Generator:
         if self._loader is not None:
             return self._loader(self.config)
         from generator.pipeline import Generator  # lazy: keeps torch out of the bot's import graph

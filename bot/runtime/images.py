@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from generator.pipeline import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +18,7 @@ def result_name(job_id: int, number: int) -> str:
     return f"{job_id}/ponybot-{job_id}-{number}.png"
 
 
-def save_results(images_dir: Path, job_id: int, result: Any) -> list[str]:
+def save_results(images_dir: Path, job_id: int, result: GenerationResult) -> list[str]:
     """Write each image of a GenerationResult as a PNG with its A1111 metadata.
 
     Returns the relative names. On an error (e.g. disk full) no partial set is left behind.

@@ -15,7 +15,8 @@ and build the client with a small ``guild_ready_timeout`` (a ``discord.Client`` 
 API
 ---
 Lifecycle: ``FakeDiscord(*, bot_token="test-token", heartbeat_interval_ms=41250,
-attachment_limit=10 MiB, token_ttl=900.0, interaction_deadline=3.0)``; ``await start()`` (binds
+attachment_limit=10 MiB, token_ttl=900.0, interaction_deadline=3.0, guild_id=1000000000000000100,
+shards=1, max_concurrency=1)``; ``await start()`` (binds
 127.0.0.1 on a free port); ``await stop()``; ``api_base`` ("http://127.0.0.1:PORT"), ``gateway_url``
 ("ws://127.0.0.1:PORT/gateway"); ``patch_discord_py()`` context manager.
 
@@ -40,6 +41,19 @@ respect the identified intents (MESSAGE_CONTENT blanks other users' content). ``
 ``await drop_gateway(*, code=None, wait=True, timeout=15)`` (abort the TCP connection, or close with
 ``code``), ``await invalidate_session(*, resumable=False, wait=True, timeout=15)`` (op 9),
 ``await wait_until_connected(timeout=10)``.
+
+Sharding: ``shards`` (``shard_count``) is what GET /gateway/bot recommends (``shards``, with
+``session_start_limit.max_concurrency`` = ``max_concurrency``) and what the gateway serves: an
+IDENTIFY must carry ``shard: [id, shard_count]`` (none is shard 0 of 1), else it is closed with
+4011 Sharding required (fewer shards) or 4010 Invalid shard (id out of range, more shards, malformed).
+Each shard's READY/GUILD_CREATE carry only its guilds (``shard_of(guild_id)`` = ``(guild_id >> 22)
+% shard_count``); the world's guild and ``add_guild(guild_id, name)`` (bare guilds: the bot alone, no
+channels) are spread that way, ``guild_id_on_shard(shard, count)`` (module function) picks an id.
+Every event goes to the connection of its guild's shard (no guild: shard 0). ``identifies``
+(``Identify``: shard, time), ``gateway_connections`` (sockets opened), ``shard_connected(id)``;
+``connected`` means every shard; ``reconnect_gateway`` / ``drop_gateway`` / ``invalidate_session``
+take ``shard=`` (default: the guild's shard); ``hold_shard(id)`` makes that shard's next IDENTIFY
+or RESUME wait for ``release_shard(id)`` (the shard stays down meanwhile).
 
 REST: every request is appended to ``requests`` (``RecordedRequest``: method, path without the
 ``/api/v10`` prefix, query, json (``payload_json`` for multipart), files, time, status); unknown
@@ -151,11 +165,13 @@ __all__ = [
     "FakeInteraction",
     "FakeMessage",
     "FakeUser",
+    "Identify",
     "InteractionResponse",
     "MessageSnapshot",
     "RecordedRequest",
     "SpecViolation",
     "created_fakes",
+    "guild_id_on_shard",
     "take_created",
 ]
 
@@ -583,6 +599,7 @@ class _Fault:
 class _Session:
     id: str
     intents: int | None
+    shard_id: int = 0
     seq: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     ws: web.WebSocketResponse | None = None
@@ -597,6 +614,14 @@ class _Request:
     query: dict[str, str]
     json: Any
     files: dict[int, FakeAttachment]
+
+
+class Identify(NamedTuple):
+    """One IDENTIFY the gateway accepted: its ``shard`` ([id, count] as sent, None when it sent
+    none) and when (``time.monotonic()``)."""
+
+    shard: tuple[int, int] | None
+    time: float
 
 
 _Handler = Callable[..., Awaitable[Any]]
@@ -664,6 +689,15 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def guild_id_on_shard(shard_id: int, shard_count: int, *, near: int = 1_000_000_000_000_000_100) -> int:
+    """The smallest guild id >= ``near`` that Discord puts on shard ``shard_id`` of ``shard_count``
+    (``(guild_id >> 22) % shard_count == shard_id``)."""
+    guild_id = near
+    while (guild_id >> 22) % shard_count != shard_id:
+        guild_id += 1 << 22
+    return guild_id
+
+
 def _as_int(value: Any, what: str) -> int:
     try:
         return int(value)
@@ -676,7 +710,7 @@ def _as_int(value: Any, what: str) -> int:
 
 
 class FakeDiscord:
-    """A loopback Discord with one guild; see the module docstring for the API."""
+    """A loopback Discord with one guild (plus optional bare ones); see the module docstring for the API."""
 
     def __init__(
         self,
@@ -686,17 +720,23 @@ class FakeDiscord:
         attachment_limit: int = 10 * 1024 * 1024,
         token_ttl: float = 900.0,
         interaction_deadline: float | None = 3.0,
+        guild_id: int = 1_000_000_000_000_000_100,
+        shards: int = 1,
+        max_concurrency: int = 1,
     ) -> None:
         self.bot_token = bot_token
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.attachment_limit = attachment_limit
         self.token_ttl = token_ttl
         self.interaction_deadline = interaction_deadline
+        self.shard_count = shards
+        self.max_concurrency = max_concurrency
 
         self.application_id = 1_000_000_000_000_000_001
         self.bot_user = FakeUser(self.application_id, "ponybot", bot=True)
         self.bot_user_id = self.bot_user.id
-        self.guild_id = 1_000_000_000_000_000_100
+        self.guild_id = guild_id
+        self.other_guilds: dict[int, str] = {}
         self.guild_name = "Pony Test Guild"
         self.everyone_role_id = self.guild_id
         self.mods_role_id = 1_000_000_000_000_000_101
@@ -736,7 +776,9 @@ class FakeDiscord:
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.gateway_events: list[tuple[str, dict[str, Any]]] = []
         self.identify_count = 0
+        self.identifies: list[Identify] = []
         self.resume_count = 0
+        self.gateway_connections = 0
         self.intents: int | None = None
 
         self._by_token: dict[str, FakeInteraction] = {}
@@ -744,7 +786,8 @@ class FakeDiscord:
         self._nonces: dict[tuple[int, int, str], tuple[int, float]] = {}
         self._dm_blocked: set[int] = set()
         self._faults: list[_Fault] = []
-        self._session: _Session | None = None
+        self._sessions: dict[int, _Session] = {}  # shard id -> its gateway session
+        self._held_shards: dict[int, asyncio.Event] = {}
         self._sockets: dict[web.WebSocketResponse, web.Request] = {}
         self._send_lock = asyncio.Lock()
         self._cond = asyncio.Condition()
@@ -852,6 +895,14 @@ class FakeDiscord:
 
     def _guild_members(self) -> list[FakeUser]:
         return list(self.users.values())
+
+    def add_guild(self, guild_id: int, name: str = "Other Guild") -> None:
+        """Add a bare guild (the bot alone, no channels) that its shard's READY and GUILD_CREATE carry."""
+        self.other_guilds[guild_id] = name
+
+    def shard_of(self, guild_id: int) -> int:
+        """The shard whose connection gets this guild's events: ``(guild_id >> 22) % shard_count``."""
+        return (guild_id >> 22) % self.shard_count
 
     def set_bot_permissions(self, channel_id: int, permissions: int) -> asyncio.Task[None] | None:
         """Set the bot's permissions in a channel; returns the task sending CHANNEL_UPDATE, if any."""
@@ -1012,6 +1063,18 @@ class FakeDiscord:
                     "soundboard_sounds": [],
                 }
             )
+        return data
+
+    def _other_guild_payload(self, guild_id: int) -> dict[str, Any]:
+        data = self._guild_payload(full=True)
+        data.update(
+            id=str(guild_id),
+            name=self.other_guilds[guild_id],
+            roles=[self._role(guild_id, "@everyone", 0, None)],
+            member_count=1,
+            members=[self._member_payload(self.bot_user)],
+            channels=[],
+        )
         return data
 
     def _attachment_url(self, channel_id: int, attachment_id: int, filename: str) -> str:
@@ -1261,15 +1324,35 @@ class FakeDiscord:
     # ---------------------------------------------------------------- gateway
 
     @property
+    def _session(self) -> _Session | None:
+        """The session of the shard serving the (full) guild; with one shard, the session."""
+        return self._sessions.get(self.shard_of(self.guild_id))
+
+    @property
     def connected(self) -> bool:
-        """Whether a bot session has an open socket."""
-        session = self._session
+        """Whether a bot session has an open socket (on every shard, when sharded)."""
+        return all(self.shard_connected(shard) for shard in range(self.shard_count))
+
+    def shard_connected(self, shard_id: int) -> bool:
+        """Whether shard ``shard_id`` has an identified session with an open socket."""
+        session = self._sessions.get(shard_id)
         return session is not None and session.ws is not None and not session.ws.closed
 
     @property
     def session_id(self) -> str | None:
-        """The current gateway session id."""
+        """The current gateway session id (of the guild's shard, when sharded)."""
         return self._session.id if self._session else None
+
+    def hold_shard(self, shard_id: int) -> None:
+        """Keep shard ``shard_id`` down: its next IDENTIFY or RESUME is answered only after
+        ``release_shard(shard_id)`` (its events wait for the RESUME meanwhile)."""
+        self._held_shards.setdefault(shard_id, asyncio.Event())
+
+    def release_shard(self, shard_id: int) -> None:
+        """Answer shard ``shard_id``'s waiting IDENTIFY or RESUME, and later ones at once."""
+        held = self._held_shards.pop(shard_id, None)
+        if held is not None:
+            held.set()
 
     def _token_ok(self, token: Any) -> bool:
         if not isinstance(token, str):
@@ -1282,10 +1365,17 @@ class FakeDiscord:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(json.dumps(frame, separators=(",", ":")))
 
-    async def _dispatch(self, event: str, data: dict[str, Any], *, intent: int | None = None) -> None:
-        """Send a DISPATCH (op 0) to the session, or keep it for a RESUME when disconnected."""
+    async def _dispatch(
+        self, event: str, data: dict[str, Any], *, intent: int | None = None, shard: int | None = None
+    ) -> None:
+        """Send a DISPATCH (op 0) to the session of ``shard`` (default: the shard of the event's
+        ``guild_id``; shard 0 without one, as Discord sends DMs), or keep it for a RESUME when
+        disconnected."""
         self.gateway_events.append((event, data))
-        session = self._session
+        if shard is None:
+            guild_id = data.get("guild_id")
+            shard = self.shard_of(int(guild_id)) if guild_id is not None else 0
+        session = self._sessions.get(shard)
         if session is None:
             return
         if intent is not None and session.intents is not None and not session.intents & intent:
@@ -1297,24 +1387,29 @@ class FakeDiscord:
             if session.ws is not None:
                 await self._send_raw(session.ws, frame)
 
-    def _current_ws(self) -> web.WebSocketResponse:
-        if self._session is None or self._session.ws is None or self._session.ws.closed:
+    def _current_ws(self, shard: int | None = None) -> web.WebSocketResponse:
+        session = self._session if shard is None else self._sessions.get(shard)
+        if session is None or session.ws is None or session.ws.closed:
             raise RuntimeError("no bot is connected to the gateway")
-        return self._session.ws
+        return session.ws
 
-    async def reconnect_gateway(self, *, wait: bool = True, timeout: float = 10.0) -> None:
-        """Send op 7 RECONNECT; the client reconnects and resumes. Waits for the RESUME if ``wait``."""
-        ws = self._current_ws()
+    async def reconnect_gateway(
+        self, *, wait: bool = True, timeout: float = 10.0, shard: int | None = None
+    ) -> None:
+        """Send op 7 RECONNECT (to ``shard``; default: the guild's); the client reconnects and
+        resumes. Waits for the RESUME if ``wait``."""
+        ws = self._current_ws(shard)
         before = self.resume_count
         await self._send_raw(ws, {"op": 7, "d": None, "s": None, "t": None})
         if wait:
             await self._wait_until(lambda: self.resume_count > before and self.connected, timeout, "RESUME")
 
     async def drop_gateway(
-        self, *, code: int | None = None, wait: bool = True, timeout: float = 15.0
+        self, *, code: int | None = None, wait: bool = True, timeout: float = 15.0, shard: int | None = None
     ) -> None:
-        """Kill the gateway connection (TCP abort, or a close frame with ``code``); the client resumes."""
-        ws = self._current_ws()
+        """Kill the gateway connection (of ``shard``; default: the guild's) (TCP abort, or a close
+        frame with ``code``); the client resumes."""
+        ws = self._current_ws(shard)
         before = self.resume_count
         if code is None:
             transport = self._sockets[ws].transport
@@ -1326,10 +1421,11 @@ class FakeDiscord:
             await self._wait_until(lambda: self.resume_count > before and self.connected, timeout, "RESUME")
 
     async def invalidate_session(
-        self, *, resumable: bool = False, wait: bool = True, timeout: float = 15.0
+        self, *, resumable: bool = False, wait: bool = True, timeout: float = 15.0, shard: int | None = None
     ) -> None:
-        """Send op 9 INVALID_SESSION; a non-resumable one makes the client IDENTIFY again."""
-        ws = self._current_ws()
+        """Send op 9 INVALID_SESSION (to ``shard``; default: the guild's); a non-resumable one makes
+        the client IDENTIFY again."""
+        ws = self._current_ws(shard)
         identifies, resumes = self.identify_count, self.resume_count
         await self._send_raw(ws, {"op": 9, "d": resumable, "s": None, "t": None})
         if wait:
@@ -1343,6 +1439,7 @@ class FakeDiscord:
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self._sockets[ws] = request
+        self.gateway_connections += 1
         hello = {"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms, "_trace": ["fake"]}}
         await self._send_raw(ws, {**hello, "s": None, "t": None})
         try:
@@ -1359,8 +1456,9 @@ class FakeDiscord:
             log.exception("fake gateway: handler failed")
         finally:
             self._sockets.pop(ws, None)
-            if self._session is not None and self._session.ws is ws:
-                self._session.ws = None
+            for session in self._sessions.values():
+                if session.ws is ws:
+                    session.ws = None
             with contextlib.suppress(Exception):
                 await self._notify()
         return ws
@@ -1369,10 +1467,8 @@ class FakeDiscord:
         op, data = frame.get("op"), frame.get("d")
         if op == 1:
             await self._send_raw(ws, {"op": 11, "d": None, "s": None, "t": None})
-        elif op == 2:
-            await self._identify(ws, data or {})
-        elif op == 6:
-            await self._resume(ws, data or {})
+        elif op in (2, 6):
+            await self._start_session(ws, op, data or {})
         elif op == 8:
             await self._request_members(data or {})
         elif op in (3, 4):
@@ -1380,20 +1476,62 @@ class FakeDiscord:
         else:
             await ws.close(code=4001, message=b"Unknown opcode.")
 
+    async def _start_session(self, ws: web.WebSocketResponse, op: int, data: dict[str, Any]) -> None:
+        """IDENTIFY (op 2) or RESUME (op 6); a held shard's waits for ``release_shard`` (in a task,
+        so the socket keeps answering heartbeats)."""
+        if op == 2:
+            shard = data.get("shard")
+            shard_id = shard[0] if isinstance(shard, list) and shard and isinstance(shard[0], int) else 0
+        else:
+            session = next((s for s in self._sessions.values() if s.id == data.get("session_id")), None)
+            shard_id = session.shard_id if session is not None else -1
+        start = self._identify if op == 2 else self._resume
+        held = self._held_shards.get(shard_id)
+        if held is None:
+            await start(ws, data)
+            return
+
+        async def when_released() -> None:
+            await held.wait()
+            await start(ws, data)
+
+        self._spawn(when_released())
+
     async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         if not self._token_ok(data.get("token")):
             await ws.close(code=4004, message=b"Authentication failed.")
             return
+        shard = data.get("shard")
+        if shard is None:
+            shard_id, shard_total = 0, 1
+        elif (
+            isinstance(shard, list)
+            and len(shard) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+            and 0 <= shard[0] < shard[1]
+        ):
+            shard_id, shard_total = shard
+        else:
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return
+        if shard_total < self.shard_count:
+            await ws.close(code=4011, message=b"Sharding required.")
+            return
+        if shard_total != self.shard_count:  # the fake serves exactly `shard_count` shards
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return
         self.identify_count += 1
+        self.identifies.append(Identify(None if shard is None else (shard_id, shard_total), time.monotonic()))
         self.intents = data.get("intents")
-        session = _Session(id=secrets.token_hex(16), intents=self.intents)
+        session = _Session(id=secrets.token_hex(16), intents=self.intents, shard_id=shard_id)
         async with self._send_lock:
-            self._session = session
+            self._sessions[shard_id] = session
             session.ws = ws
+        guild_ids = [g for g in (self.guild_id, *self.other_guilds) if self.shard_of(g) == shard_id]
         ready = {
             "v": 10,
             "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "email": None},
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(g), "unavailable": True} for g in guild_ids],
             "session_id": session.id,
             "session_type": "normal",
             "resume_gateway_url": self.gateway_url,
@@ -1406,18 +1544,20 @@ class FakeDiscord:
             "auth": {},
             "_trace": ["fake"],
         }
-        if data.get("shard") is not None:
-            ready["shard"] = data["shard"]
-        await self._dispatch("READY", ready)
-        await self._dispatch("GUILD_CREATE", self._guild_payload(full=True))
+        if shard is not None:
+            ready["shard"] = shard
+        await self._dispatch("READY", ready, shard=shard_id)
+        for guild_id in guild_ids:
+            guild = self._guild_payload(full=True) if guild_id == self.guild_id else None
+            await self._dispatch("GUILD_CREATE", guild or self._other_guild_payload(guild_id), shard=shard_id)
         await self._notify()
 
     async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         if not self._token_ok(data.get("token")):
             await ws.close(code=4004, message=b"Authentication failed.")
             return
-        session = self._session
-        if session is None or data.get("session_id") != session.id:
+        session = next((s for s in self._sessions.values() if s.id == data.get("session_id")), None)
+        if session is None:
             await self._send_raw(ws, {"op": 9, "d": False, "s": None, "t": None})
             return
         seq = int(data.get("seq") or 0)
@@ -2083,12 +2223,12 @@ class FakeDiscord:
     async def _r_gateway_bot(self, req: _Request) -> dict[str, Any]:
         return {
             "url": self.gateway_url,
-            "shards": 1,
+            "shards": self.shard_count,
             "session_start_limit": {
                 "total": 1000,
                 "remaining": 999,
                 "reset_after": 86400000,
-                "max_concurrency": 1,
+                "max_concurrency": self.max_concurrency,
             },
         }
 

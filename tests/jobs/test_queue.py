@@ -1,4 +1,9 @@
-"""bot.jobs.queue: every transition, the admission limits, fairness, batching, position and ETA."""
+"""The queue contract on both backends (bot.jobs.queue on SQLite, bot.jobs.pg_queue on PostgreSQL):
+every transition, the admission limits, fairness, batching, position and ETA.
+
+Every test taking `backend` (through `make_queue` / `q`) runs once per backend; the few that read
+SQLite internals are marked `sqlite_only` with the reason.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.models import OPEN_STATUSES, Job, JobKind, JobStatus, QueueFull, QueueLimits, RecoveryReport
+from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.queue import JobQueue
 
 T0 = 1_000_000.0
@@ -47,7 +54,8 @@ def params(**overrides: Any) -> dict[str, Any]:
     return base
 
 
-MakeQueue = Callable[..., Awaitable[JobQueue]]
+Queue = JobQueueContract
+MakeQueue = Callable[..., Awaitable[Queue]]
 
 
 @pytest.fixture
@@ -56,11 +64,19 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def make_queue(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeQueue]:
-    opened: list[JobQueue] = []
+async def make_queue(
+    backend: str, tmp_path: Path, clock: FakeClock, request: pytest.FixtureRequest
+) -> AsyncIterator[MakeQueue]:
+    """Open queues on one database of `backend` (each call: a new connection / pool to it)."""
+    opened: list[Queue] = []
+    url = str(request.getfixturevalue("pg_url")) if backend == "postgres" else ""
 
-    async def make(limits: QueueLimits = LOOSE, name: str = "jobs.sqlite3") -> JobQueue:
-        q = await JobQueue.open(tmp_path / name, limits, clock=clock)
+    async def make(limits: QueueLimits = LOOSE, name: str = "jobs.sqlite3") -> Queue:
+        q: Queue
+        if backend == "postgres":
+            q = await PgJobQueue.open(url, limits, clock=clock)
+        else:
+            q = await JobQueue.open(tmp_path / name, limits, clock=clock)
         opened.append(q)
         return q
 
@@ -71,11 +87,11 @@ async def make_queue(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeQueu
 
 
 @pytest.fixture
-async def q(make_queue: MakeQueue) -> JobQueue:
+async def q(make_queue: MakeQueue) -> Queue:
     return await make_queue()
 
 
-async def add(q: JobQueue, user: int = 1, guild: int = 0, **kwargs: Any) -> Job:
+async def add(q: Queue, user: int = 1, guild: int = 0, **kwargs: Any) -> Job:
     kwargs.setdefault("kind", JobKind.TXT2IMG)
     kwargs.setdefault("params", params())
     kwargs.setdefault("channel_id", 500 + guild)
@@ -84,16 +100,63 @@ async def add(q: JobQueue, user: int = 1, guild: int = 0, **kwargs: Any) -> Job:
     return job
 
 
-async def sql(q: JobQueue, query: str, *args: Any) -> list[tuple[Any, ...]]:
+def _numbered(query: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
+    parts = query.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+
+
+async def sql(q: Queue, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of a plain SQL query valid on both engines (`?` placeholders), as tuples."""
+    if isinstance(q, PgJobQueue):
+        async with q.pool.acquire() as conn:
+            return [tuple(r) for r in await conn.fetch(_numbered(query), *args)]
+    assert isinstance(q, JobQueue)
     return [tuple(r) for r in await q.connection.execute_fetchall(query, args)]
 
 
-async def row(q: JobQueue, job_id: int) -> dict[str, Any]:
+async def execute(q: Queue, statement: str, *args: Any) -> None:
+    """Run one write statement valid on both engines (`?` placeholders) on its own."""
+    if isinstance(q, PgJobQueue):
+        async with q.pool.acquire() as conn:
+            await conn.execute(_numbered(statement), *args)
+        return
+    assert isinstance(q, JobQueue)
+    async with q.exclusive() as conn:
+        await conn.execute(statement, args)
+
+
+async def row(q: Queue, job_id: int) -> dict[str, Any]:
+    if isinstance(q, PgJobQueue):
+        async with q.pool.acquire() as conn:
+            found = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+        assert found is not None
+        return dict(found)
+    assert isinstance(q, JobQueue)
     rows = await q.connection.execute_fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
     return dict(next(iter(rows)))
 
 
-async def check_counters(q: JobQueue) -> None:
+async def transaction_open(q: Queue) -> bool:
+    """Whether the queue left a transaction open (PostgreSQL: any session of its database, after
+    the pool got its connections back; a cancelled call releases its connection in the background).
+    """
+    if isinstance(q, JobQueue):
+        return q.connection.in_transaction
+    assert isinstance(q, PgJobQueue)
+    for _ in range(200):
+        async with q.pool.acquire() as conn:
+            busy = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND state <> 'idle'"
+            )
+        if busy == 0:
+            return False
+        await asyncio.sleep(0.025)
+    return True
+
+
+async def check_counters(q: Queue) -> None:
     """The trigger-maintained waiting counts agree with the jobs table."""
     by_guild = await sql(q, "SELECT guild_id, count(*) FROM jobs WHERE status = 'queued' GROUP BY guild_id")
     kept = await sql(q, "SELECT guild_id, queued FROM queue_guilds WHERE queued != 0")
@@ -105,7 +168,7 @@ async def check_counters(q: JobQueue) -> None:
     assert sorted(by_user) == sorted(kept_users)
 
 
-async def drain(q: JobQueue, worker: str = "w") -> list[Job]:
+async def drain(q: Queue, worker: str = "w") -> list[Job]:
     claimed = []
     while (job := await q.claim(worker)) is not None:
         claimed.append(job)
@@ -115,7 +178,7 @@ async def drain(q: JobQueue, worker: str = "w") -> list[Job]:
 # --- enqueue and admission ----------------------------------------------------------------------
 
 
-async def test_enqueue_writes_a_queued_row(q: JobQueue) -> None:
+async def test_enqueue_writes_a_queued_row(q: Queue) -> None:
     job, created = await q.enqueue(
         kind="variation",
         params=params(seed=42),
@@ -139,7 +202,7 @@ async def test_enqueue_writes_a_queued_row(q: JobQueue) -> None:
     assert job.status is JobStatus.QUEUED and job.result_files == [] and job.seeds == []
     assert job == await q.get(job.id)
     assert job.pruned_at is None
-    await q.connection.execute("UPDATE jobs SET pruned_at = 5.0 WHERE id = ?", (job.id,))
+    await execute(q, "UPDATE jobs SET pruned_at = 5.0 WHERE id = ?", job.id)
     assert (await q.get(job.id)).pruned_at == 5.0  # type: ignore[union-attr]
     assert await sql(q, "SELECT queued FROM queue_users WHERE guild_id = 9 AND user_id = 8") == [(1,)]
     with pytest.raises(ValueError):
@@ -233,7 +296,7 @@ async def test_concurrent_enqueues_cannot_exceed_caps(make_queue: MakeQueue) -> 
     qa = await make_queue(QueueLimits(max_open_per_user=3, max_queued=10))
     qb = await make_queue(QueueLimits(max_open_per_user=3, max_queued=10))  # second connection
 
-    async def try_add(q: JobQueue, user: int) -> bool:
+    async def try_add(q: Queue, user: int) -> bool:
         try:
             await add(q, user=user)
         except QueueFull:
@@ -277,7 +340,7 @@ async def test_extend_lease_only_for_the_owner(make_queue: MakeQueue, clock: Fak
     assert (await row(q, job.id))["lease_expires_at"] == T0 + 90
 
 
-async def test_mark_generated_and_done(q: JobQueue, clock: FakeClock) -> None:
+async def test_mark_generated_and_done(q: Queue, clock: FakeClock) -> None:
     job = await add(q, cost=20)
     claimed = await q.claim("w")
     assert claimed is not None
@@ -303,7 +366,7 @@ async def test_mark_generated_and_done(q: JobQueue, clock: FakeClock) -> None:
     assert await q.undelivered() == []
 
 
-async def test_mark_done_from_running_but_not_queued(q: JobQueue) -> None:
+async def test_mark_done_from_running_but_not_queued(q: Queue) -> None:
     queued = await add(q)
     assert not await q.mark_done(queued.id, 1)
     assert (await row(q, queued.id))["status"] == "queued"
@@ -313,7 +376,7 @@ async def test_mark_done_from_running_but_not_queued(q: JobQueue) -> None:
     assert (await row(q, running.id))["status"] == "done"
 
 
-async def test_sec_per_unit_is_an_ema(q: JobQueue) -> None:
+async def test_sec_per_unit_is_an_ema(q: Queue) -> None:
     for seconds in (2.0, 4.0):
         await add(q, cost=10)
         job = await q.claim("w")
@@ -324,7 +387,7 @@ async def test_sec_per_unit_is_an_ema(q: JobQueue) -> None:
     assert value == pytest.approx(0.26)
 
 
-async def test_set_status_message(q: JobQueue) -> None:
+async def test_set_status_message(q: Queue) -> None:
     job = await add(q)
     await q.set_status_message(job.id, 4242)
     assert (await row(q, job.id))["status_message_id"] == 4242
@@ -358,7 +421,7 @@ async def test_retry_backoff_then_dead(make_queue: MakeQueue, clock: FakeClock) 
     assert (await row(q, job.id))["status"] == "dead"
 
 
-async def test_backoff_skips_to_other_eligible_work(q: JobQueue, clock: FakeClock) -> None:
+async def test_backoff_skips_to_other_eligible_work(q: Queue, clock: FakeClock) -> None:
     a1 = await add(q, user=1)
     a2 = await add(q, user=1)
     assert (await q.claim("w")).id == a1.id  # type: ignore[union-attr]
@@ -367,7 +430,7 @@ async def test_backoff_skips_to_other_eligible_work(q: JobQueue, clock: FakeCloc
     assert nxt is not None and nxt.id == a2.id  # a1 waits out its back-off
 
 
-async def test_not_retryable_fails_at_once(q: JobQueue, clock: FakeClock) -> None:
+async def test_not_retryable_fails_at_once(q: Queue, clock: FakeClock) -> None:
     job = await add(q)
     await q.claim("w")
     clock.advance(1)
@@ -381,7 +444,7 @@ async def test_not_retryable_fails_at_once(q: JobQueue, clock: FakeClock) -> Non
         await q.fail(12345, "nope", retryable=False)
 
 
-async def test_fail_after_cancel_request_cancels(q: JobQueue) -> None:
+async def test_fail_after_cancel_request_cancels(q: Queue) -> None:
     job = await add(q)
     await q.claim("w")
     assert await q.cancel(job.id) == "requested"
@@ -392,7 +455,7 @@ async def test_fail_after_cancel_request_cancels(q: JobQueue) -> None:
 # --- cancel -------------------------------------------------------------------------------------
 
 
-async def test_cancel_queued_running_and_finished(q: JobQueue, clock: FakeClock) -> None:
+async def test_cancel_queued_running_and_finished(q: Queue, clock: FakeClock) -> None:
     running = await add(q, user=1)
     queued = await add(q, user=2)
     assert (await q.claim("w")).id == running.id  # type: ignore[union-attr]
@@ -420,7 +483,7 @@ async def test_cancel_queued_running_and_finished(q: JobQueue, clock: FakeClock)
     assert await q.cancel(later.id) == "not_open"  # already generated: only delivery is left
 
 
-async def test_finish_cancelled_only_after_a_request(q: JobQueue, clock: FakeClock) -> None:
+async def test_finish_cancelled_only_after_a_request(q: Queue, clock: FakeClock) -> None:
     job = await add(q)
     await q.claim("w")
     assert not await q.finish_cancelled(job.id)  # nobody asked: the worker must release or fail it
@@ -434,7 +497,7 @@ async def test_finish_cancelled_only_after_a_request(q: JobQueue, clock: FakeClo
     assert not await q.finish_cancelled(job.id)
 
 
-async def test_release_gives_the_job_back_without_penalty(q: JobQueue, clock: FakeClock) -> None:
+async def test_release_gives_the_job_back_without_penalty(q: Queue, clock: FakeClock) -> None:
     job = await add(q, user=1)
     other = await add(q, user=2)
     await q.claim("w")
@@ -492,7 +555,7 @@ async def test_recover_at_attempt_limit_marks_dead(make_queue: MakeQueue) -> Non
     assert dead.error == "This job crashed the generator 2 times and was dropped."
 
 
-async def test_recover_cancels_jobs_with_cancel_requested(q: JobQueue) -> None:
+async def test_recover_cancels_jobs_with_cancel_requested(q: Queue) -> None:
     job = await add(q)
     await q.claim("a")
     await q.cancel(job.id)
@@ -527,7 +590,7 @@ async def test_requeue_expired(make_queue: MakeQueue, clock: FakeClock) -> None:
 # --- fairness -----------------------------------------------------------------------------------
 
 
-async def test_fairness_between_users(q: JobQueue) -> None:
+async def test_fairness_between_users(q: Queue) -> None:
     a_jobs = [await add(q, user=1) for _ in range(10)]
     b_job = await add(q, user=2)
     order = [job.id for job in await drain(q)]
@@ -536,7 +599,7 @@ async def test_fairness_between_users(q: JobQueue) -> None:
     assert order[2:] == [j.id for j in a_jobs[1:]]
 
 
-async def test_fairness_round_robin_with_frozen_clock(q: JobQueue) -> None:
+async def test_fairness_round_robin_with_frozen_clock(q: Queue) -> None:
     # every claim happens at the same clock reading: ordering must still rotate
     for _ in range(3):
         for user in (1, 2, 3):
@@ -545,7 +608,7 @@ async def test_fairness_round_robin_with_frozen_clock(q: JobQueue) -> None:
     assert users == [1, 2, 3] * 3
 
 
-async def test_fairness_between_guilds(q: JobQueue) -> None:
+async def test_fairness_between_guilds(q: Queue) -> None:
     # guild 1 is busy with two users; guild 2 has one job queued last: it goes second
     for _ in range(5):
         await add(q, user=1, guild=1)
@@ -556,7 +619,7 @@ async def test_fairness_between_guilds(q: JobQueue) -> None:
     assert [j.user_id for j in claimed] == [1, 3, 2, 1, 2, 1, 2, 1, 2, 1, 2]
 
 
-async def test_served_user_goes_to_the_back(q: JobQueue, clock: FakeClock) -> None:
+async def test_served_user_goes_to_the_back(q: Queue, clock: FakeClock) -> None:
     await add(q, user=1)
     await add(q, user=1)
     assert (await q.claim("w")).user_id == 1  # type: ignore[union-attr]
@@ -567,6 +630,7 @@ async def test_served_user_goes_to_the_back(q: JobQueue, clock: FakeClock) -> No
     assert (await q.claim("w")).user_id == 1  # type: ignore[union-attr]
 
 
+@pytest.mark.sqlite_only("reads SQLite's EXPLAIN QUERY PLAN of the SQLite queue's own SQL")
 async def test_claim_queries_use_indexes_not_scans(q: JobQueue) -> None:
     """Claim cost must scale with waiting users, never with the number of jobs."""
     from bot.jobs.queue import _ADMISSION_SQL, _PICK
@@ -597,7 +661,7 @@ async def test_claim_queries_use_indexes_not_scans(q: JobQueue) -> None:
 # --- claim_batch --------------------------------------------------------------------------------
 
 
-async def test_claim_batch_takes_compatible_jobs_in_fair_order(q: JobQueue) -> None:
+async def test_claim_batch_takes_compatible_jobs_in_fair_order(q: Queue) -> None:
     backing_off = await add(q, user=6, params=params())
     assert (await q.claim("x")).id == backing_off.id  # type: ignore[union-attr]
     await q.fail(backing_off.id, "retry", retryable=True)  # compatible, but waits 5 s
@@ -627,7 +691,7 @@ async def test_claim_batch_takes_compatible_jobs_in_fair_order(q: JobQueue) -> N
     assert (await row(q, backing_off.id))["status"] == "queued"
 
 
-async def test_claim_batch_non_txt2img_first_and_empty(q: JobQueue) -> None:
+async def test_claim_batch_non_txt2img_first_and_empty(q: Queue) -> None:
     assert await q.claim_batch("gpu", 4) == []
     up = await add(q, user=1, kind=JobKind.UPSCALE)
     await add(q, user=2)
@@ -640,7 +704,7 @@ async def test_claim_batch_non_txt2img_first_and_empty(q: JobQueue) -> None:
     assert await sql(q, "SELECT count(*) FROM jobs WHERE status = 'running'") == [(3,)]
 
 
-async def test_claim_batch_round_robins_users(q: JobQueue) -> None:
+async def test_claim_batch_round_robins_users(q: Queue) -> None:
     for _ in range(3):
         await add(q, user=1)
     await add(q, user=2)
@@ -651,7 +715,7 @@ async def test_claim_batch_round_robins_users(q: JobQueue) -> None:
 # --- position and ETA ---------------------------------------------------------------------------
 
 
-async def test_position_and_eta(q: JobQueue, clock: FakeClock) -> None:
+async def test_position_and_eta(q: Queue, clock: FakeClock) -> None:
     a = [await add(q, user=1, cost=10) for _ in range(3)]
     b = await add(q, user=2, cost=30)
     assert [await q.position(j.id) for j in a] == [1, 3, 4]
@@ -672,7 +736,7 @@ async def test_position_and_eta(q: JobQueue, clock: FakeClock) -> None:
     assert await q.position(12345) is None and await q.eta_seconds(12345) is None
 
 
-async def test_position_predicts_claim_order(q: JobQueue) -> None:
+async def test_position_predicts_claim_order(q: Queue) -> None:
     rng = random.Random(7)
     for _ in range(60):
         guild = rng.choice([0, 1, 2])
@@ -687,7 +751,7 @@ async def test_position_predicts_claim_order(q: JobQueue) -> None:
     assert actual == [job_id for _, job_id in predicted]
 
 
-async def test_cancelled_calls_leave_no_transaction_open(q: JobQueue) -> None:
+async def test_cancelled_calls_leave_no_transaction_open(q: Queue) -> None:
     for i in range(8):
         await add(q, user=i)
     for steps in range(8):  # cancel at different points inside the claim transaction
@@ -697,7 +761,7 @@ async def test_cancelled_calls_leave_no_transaction_open(q: JobQueue) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        assert not q.connection.in_transaction
+        assert not await transaction_open(q)
     # the queue still works and every job is in exactly one consistent state
     claimed = await drain(q)
     counts = await q.counts()
@@ -708,7 +772,7 @@ async def test_cancelled_calls_leave_no_transaction_open(q: JobQueue) -> None:
 # --- reading helpers ----------------------------------------------------------------------------
 
 
-async def test_open_jobs_counts_recent(q: JobQueue, clock: FakeClock) -> None:
+async def test_open_jobs_counts_recent(q: Queue, clock: FakeClock) -> None:
     j1 = await add(q, user=1)
     j2 = await add(q, user=1)
     clock.advance(10)
@@ -751,7 +815,7 @@ async def test_two_connections_racing_never_share_a_job(make_queue: MakeQueue) -
     for i in range(120):
         await add(qa, user=i % 7, guild=i % 3)
 
-    async def worker(q: JobQueue, name: str) -> list[int]:
+    async def worker(q: Queue, name: str) -> list[int]:
         got = []
         while (job := await q.claim(name)) is not None:
             got.append(job.id)
@@ -786,7 +850,7 @@ async def test_a_job_claimed_ahead_is_not_charged_for_the_crashes_of_the_running
     assert waiting is not None and waiting.status is JobStatus.QUEUED and waiting.attempts == 0
 
 
-async def test_begin_counts_once_and_skips_cancelled_and_foreign_jobs(q: JobQueue) -> None:
+async def test_begin_counts_once_and_skips_cancelled_and_foreign_jobs(q: Queue) -> None:
     started, cancelled, foreign = [await add(q, user=u) for u in (1, 2, 3)]
     mine = await q.claim_batch("w", 2, reserve=True)
     await q.claim_batch("other", 1, reserve=True)
@@ -801,7 +865,7 @@ async def test_begin_counts_once_and_skips_cancelled_and_foreign_jobs(q: JobQueu
     assert await q.release(started.id, "w") and (await q.get(started.id)).attempts == 0  # type: ignore[union-attr]
 
 
-async def test_release_solo_keeps_a_job_out_of_batches(q: JobQueue) -> None:
+async def test_release_solo_keeps_a_job_out_of_batches(q: Queue) -> None:
     first, second, third = [await add(q, user=u, params=params()) for u in (1, 2, 3)]
     batch = await q.claim_batch("w", 3, reserve=True)
     assert [j.id for j in batch] == [first.id, second.id, third.id]
@@ -813,7 +877,7 @@ async def test_release_solo_keeps_a_job_out_of_batches(q: JobQueue) -> None:
     assert len(rest) == 1, "and is not picked as a batch companion either"
 
 
-async def test_a_cancel_before_mark_generated_wins(q: JobQueue) -> None:
+async def test_a_cancel_before_mark_generated_wins(q: Queue) -> None:
     job = await add(q)
     await q.claim("w")
     assert await q.cancel(job.id) == "requested"
@@ -826,7 +890,7 @@ async def test_a_cancel_before_mark_generated_wins(q: JobQueue) -> None:
     assert not await q.mark_notified(job.id), "marked once"
 
 
-async def test_mark_done_settles_the_notice(q: JobQueue) -> None:
+async def test_mark_done_settles_the_notice(q: Queue) -> None:
     job = await add(q)
     await q.claim("w")
     assert await q.mark_generated(job.id, "w", ["1/a.png"], [1], 1.0)
@@ -835,7 +899,7 @@ async def test_mark_done_settles_the_notice(q: JobQueue) -> None:
     assert stored is not None and stored.notified_at is not None
 
 
-async def test_jobs_with_different_lora_sets_do_not_share_a_batch(q: JobQueue) -> None:
+async def test_jobs_with_different_lora_sets_do_not_share_a_batch(q: Queue) -> None:
     from generator.params import GenerationParams
 
     def with_prompt(prompt: str) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""bot.jobs.queue under real process crashes: SIGKILLed workers, racing processes, torn writes."""
+"""The job queue under real process crashes: SIGKILLed workers, racing processes, torn writes.
+
+The worker tests run on both backends (`db` is an SQLite file or a PostgreSQL URL); the torn-write
+test reads SQLite's integrity and foreign-key checks and stays SQLite-only.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.db import integrity_ok
 from bot.jobs.models import JobKind, JobStatus, QueueLimits
+from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,10 +35,15 @@ WORKER = textwrap.dedent(
     import asyncio, sys, time
     from pathlib import Path
     from bot.jobs.models import QueueLimits
+    from bot.jobs.pg_queue import PgJobQueue
     from bot.jobs.queue import JobQueue
 
     async def main(db, mode, worker_id, max_attempts):
-        q = await JobQueue.open(Path(db), QueueLimits(max_attempts=max_attempts))
+        limits = QueueLimits(max_attempts=max_attempts)
+        if db.startswith("postgresql://"):
+            q = await PgJobQueue.open(db, limits)
+        else:
+            q = await JobQueue.open(Path(db), limits)
         if mode == "hang":
             job = await q.claim(worker_id)
             print(job.id if job else "none", flush=True)
@@ -70,7 +81,7 @@ WORKER = textwrap.dedent(
 )
 
 
-def spawn(db: Path, mode: str, worker_id: str, max_attempts: int = 3) -> subprocess.Popen[str]:
+def spawn(db: str, mode: str, worker_id: str, max_attempts: int = 3) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, str(db), mode, worker_id, str(max_attempts)],
@@ -113,11 +124,35 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "jobs.sqlite3"
+def db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """Where the queue lives: an SQLite file, or the URL of a fresh PostgreSQL database."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "jobs.sqlite3")
 
 
-async def add_jobs(q: JobQueue, n: int) -> list[int]:
+async def open_queue(db: str, limits: QueueLimits) -> JobQueueContract:
+    """The queue at `db` (see the `db` fixture)."""
+    if db.startswith("postgresql://"):
+        return await PgJobQueue.open(db, limits)
+    return await JobQueue.open(Path(db), limits)
+
+
+async def running_by_owner(q: JobQueueContract) -> dict[str, tuple[int, int]]:
+    """lease owner -> (running jobs, their highest attempt count)."""
+    query = (
+        "SELECT lease_owner, count(*), max(attempts) FROM jobs WHERE status = 'running' GROUP BY lease_owner"
+    )
+    if isinstance(q, PgJobQueue):
+        async with q.pool.acquire() as conn:
+            rows = [tuple(r) for r in await conn.fetch(query)]
+    else:
+        assert isinstance(q, JobQueue)
+        rows = [tuple(r) for r in await q.connection.execute_fetchall(query)]
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+async def add_jobs(q: JobQueueContract, n: int) -> list[int]:
     ids = []
     for i in range(n):
         job, _ = await q.enqueue(
@@ -128,9 +163,9 @@ async def add_jobs(q: JobQueue, n: int) -> list[int]:
 
 
 async def test_killed_worker_job_is_recovered_and_completes_once(
-    db: Path, procs: list[subprocess.Popen[str]]
+    db: str, procs: list[subprocess.Popen[str]]
 ) -> None:
-    q = await JobQueue.open(db, QueueLimits(max_attempts=3))
+    q = await open_queue(db, QueueLimits(max_attempts=3))
     try:
         [job_id] = await add_jobs(q, 1)
         hung = spawn(db, "hang", "worker-1")
@@ -159,15 +194,16 @@ async def test_killed_worker_job_is_recovered_and_completes_once(
         assert await q.claim("worker-3") is None
         after = await q.get(job_id)
         assert after is not None and after.result_message_id == 10_000 + job_id
-        assert await integrity_ok(q.connection)
+        if isinstance(q, JobQueue):
+            assert await integrity_ok(q.connection)
     finally:
         await q.close()
 
 
 async def test_job_killing_its_worker_every_time_ends_dead(
-    db: Path, procs: list[subprocess.Popen[str]]
+    db: str, procs: list[subprocess.Popen[str]]
 ) -> None:
-    q = await JobQueue.open(db, QueueLimits(max_attempts=3))
+    q = await open_queue(db, QueueLimits(max_attempts=3))
     try:
         [job_id] = await add_jobs(q, 1)
         for attempt in (1, 2, 3):
@@ -189,9 +225,9 @@ async def test_job_killing_its_worker_every_time_ends_dead(
 
 
 async def test_two_processes_racing_never_claim_the_same_job(
-    db: Path, procs: list[subprocess.Popen[str]]
+    db: str, procs: list[subprocess.Popen[str]]
 ) -> None:
-    q = await JobQueue.open(db, QueueLimits(max_open_per_user=1000, max_queued=1000))
+    q = await open_queue(db, QueueLimits(max_open_per_user=1000, max_queued=1000))
     try:
         ids = await add_jobs(q, 300)
         workers = [spawn(db, "drain", f"racer-{i}") for i in range(2)]
@@ -210,26 +246,24 @@ async def test_two_processes_racing_never_claim_the_same_job(
         assert all(claimed), "both processes should have claimed some jobs"
         assert not set(claimed[0]) & set(claimed[1])
         assert sorted(claimed[0] + claimed[1]) == ids
-        rows = await q.connection.execute_fetchall(
-            "SELECT lease_owner, count(*), max(attempts) FROM jobs WHERE status = 'running' GROUP BY lease_owner"
-        )
-        by_owner = {r[0]: (r[1], r[2]) for r in rows}
+        by_owner = await running_by_owner(q)
         assert by_owner == {"racer-0": (len(claimed[0]), 1), "racer-1": (len(claimed[1]), 1)}
     finally:
         await q.close()
 
 
+@pytest.mark.sqlite_only("checks SQLite's integrity_check / foreign_key_check after a kill mid-WAL-write")
 async def test_kill_during_write_stream_keeps_database_intact(
-    db: Path, procs: list[subprocess.Popen[str]]
+    db: str, procs: list[subprocess.Popen[str]]
 ) -> None:
-    q = await JobQueue.open(db, QueueLimits())
+    q = await JobQueue.open(Path(db), QueueLimits())
     await q.close()
     churn = spawn(db, "churn", "churner")
     procs.append(churn)
     finished = [int(read_line(churn)) for _ in range(150)]
     kill(churn)  # lands somewhere inside the stream of transactions
 
-    q = await JobQueue.open(db, QueueLimits())
+    q = await JobQueue.open(Path(db), QueueLimits())
     try:
         assert await integrity_ok(q.connection)
         rows = await q.connection.execute_fetchall("PRAGMA foreign_key_check")

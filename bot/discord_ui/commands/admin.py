@@ -123,6 +123,18 @@ async def status_text(queue: JobQueue, worker: Worker, engine: Engine) -> str:
     )
 
 
+def listed(items: list[str], budget: int) -> str:
+    """`items` joined by commas, as many whole items as fit in `budget` characters, then "… and N more"."""
+    shown: list[str] = []
+    used = 0
+    for item in items:
+        if shown and used + len(item) + 2 > budget:
+            return ", ".join(shown) + f" … and {len(items) - len(shown)} more"
+        shown.append(item)
+        used += len(item) + 2
+    return ", ".join(shown)
+
+
 def settings_text(settings: Settings, guild: GuildSettings, policy: Policy, bans: list[Ban]) -> str:
     """The guild's effective settings, each marked (server) when overridden here."""
 
@@ -132,9 +144,10 @@ def settings_text(settings: Settings, guild: GuildSettings, policy: Policy, bans
     def shown(text: str) -> str:
         return escape_for_discord(text, 300) if text else "(none)"
 
-    channels = ", ".join(f"<#{c}>" for c in guild.allowed_channels) or "all channels"
-    terms = ", ".join(f"`{t}`" for t in guild.blocked_terms) or "none"
-    banned = ", ".join(f"<@{b.user_id}>" for b in bans) or "nobody"
+    # budgets keep the whole reply under Discord's 2,000 characters, whatever the lists hold
+    channels = listed([f"<#{c}>" for c in guild.allowed_channels], 250) or "all channels"
+    terms = listed([f"`{t}`" for t in guild.blocked_terms], 450) or "none"
+    banned = listed([f"<@{b.user_id}>" for b in bans], 200) or "nobody"
     return "\n".join(
         [
             "**ponybot settings in this server**",

@@ -1,4 +1,5 @@
-"""Slash commands. Limits are declared in the command schema and checked again server-side.
+"""`/pony`: the slash command that queues a job. Limits are declared in the command schema and
+checked again server-side.
 
 No `from __future__ import annotations` here: discord.py reads the parameter annotations at
 definition time, and the step limit comes from settings.
