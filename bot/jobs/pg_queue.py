@@ -38,7 +38,6 @@ import asyncpg  # type: ignore[import-untyped]
 from bot.jobs import estimates, queue_rules
 from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
 from bot.jobs.models import (
-    CANCELLED_ERROR,
     NOTICE_STATUSES,
     TERMINAL_STATUSES,
     Job,
@@ -53,7 +52,6 @@ from bot.jobs.pg_db import create_pool, migrate
 from bot.jobs.queue_rules import (
     CANCELLABLE_SQL,
     DELIVERABLE_SQL,
-    FREE_LEASE,
     OPEN_SQL,
     SERVE_STAMP_STEP,
     Admission,
@@ -157,7 +155,7 @@ def _row_count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class PgJobQueue:
+class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
     """The job queue over an asyncpg pool. Open with `PgJobQueue.open(url, limits)`.
 
     Safe to use from many tasks and from many processes on many machines at once.
@@ -285,59 +283,6 @@ class PgJobQueue:
         """Move the jobs matching `where` to `status` (`queue_rules.transition_sql`); return those moved."""
         sql = queue_rules.transition_sql(status, where, sets=sets, returning=returning)
         return await self._fetch(conn, sql, params)
-
-    async def _set_cancelled(
-        self, conn: asyncpg.Connection, where: str, params: Mapping[str, Any], *, returning: str = "id"
-    ) -> list[asyncpg.Record]:
-        """Cancel the jobs matching `where` (error "Cancelled.", lease freed)."""
-        return await self._transition(
-            conn,
-            JobStatus.CANCELLED,
-            where,
-            {**params, "error": CANCELLED_ERROR},
-            sets=("error = :error", *FREE_LEASE),
-            returning=returning,
-        )
-
-    async def _requeue(
-        self,
-        conn: asyncpg.Connection,
-        where: str,
-        params: Mapping[str, Any],
-        *,
-        not_before: float,
-        sets: Sequence[str] = (),
-        returning: str = "id",
-    ) -> list[asyncpg.Record]:
-        """Put the jobs matching `where` back in the queue, eligible from `not_before`, lease freed."""
-        return await self._transition(
-            conn,
-            JobStatus.QUEUED,
-            where,
-            {**params, "not_before": not_before},
-            sets=("not_before = :not_before", *sets, *FREE_LEASE),
-            returning=returning,
-        )
-
-    async def _bury(
-        self,
-        conn: asyncpg.Connection,
-        status: JobStatus,
-        error: str,
-        where: str,
-        params: Mapping[str, Any],
-        *,
-        returning: str = "id",
-    ) -> list[asyncpg.Record]:
-        """End the jobs matching `where` as `status` (failed or dead) with `error`, lease freed."""
-        return await self._transition(
-            conn,
-            status,
-            where,
-            {**params, "error": error},
-            sets=("error = :error", *FREE_LEASE),
-            returning=returning,
-        )
 
     # --- admission -----------------------------------------------------------------------------
 

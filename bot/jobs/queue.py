@@ -30,7 +30,6 @@ from bot.jobs import estimates, queue_rules
 from bot.jobs.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
 from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
 from bot.jobs.models import (
-    CANCELLED_ERROR,
     NOTICE_STATUSES,
     TERMINAL_STATUSES,
     Job,
@@ -44,7 +43,6 @@ from bot.jobs.models import (
 from bot.jobs.queue_rules import (
     CANCELLABLE_SQL,
     DELIVERABLE_SQL,
-    FREE_LEASE,
     OPEN_SQL,
     Admission,
     Clock,
@@ -123,7 +121,7 @@ FROM me LEFT JOIN o ON o.guild_round < me.guild_round
 """
 
 
-class JobQueue:
+class JobQueue(queue_rules.Transitions[aiosqlite.Connection, aiosqlite.Row]):
     """The job queue over one aiosqlite connection. Open with `JobQueue.open(path, limits)`.
 
     All methods are safe to call concurrently from many tasks (they share one lock) and from
@@ -280,59 +278,6 @@ class JobQueue:
         """
         sql = queue_rules.transition_sql(status, where, sets=sets, returning=returning)
         return list(await conn.execute_fetchall(sql, params))
-
-    async def _set_cancelled(
-        self, conn: aiosqlite.Connection, where: str, params: Mapping[str, Any], *, returning: str = "id"
-    ) -> list[aiosqlite.Row]:
-        """Cancel the jobs matching `where` (error "Cancelled.", lease freed)."""
-        return await self._transition(
-            conn,
-            JobStatus.CANCELLED,
-            where,
-            {**params, "error": CANCELLED_ERROR},
-            sets=("error = :error", *FREE_LEASE),
-            returning=returning,
-        )
-
-    async def _requeue(
-        self,
-        conn: aiosqlite.Connection,
-        where: str,
-        params: Mapping[str, Any],
-        *,
-        not_before: float,
-        sets: Sequence[str] = (),
-        returning: str = "id",
-    ) -> list[aiosqlite.Row]:
-        """Put the jobs matching `where` back in the queue, eligible from `not_before`, lease freed."""
-        return await self._transition(
-            conn,
-            JobStatus.QUEUED,
-            where,
-            {**params, "not_before": not_before},
-            sets=("not_before = :not_before", *sets, *FREE_LEASE),
-            returning=returning,
-        )
-
-    async def _bury(
-        self,
-        conn: aiosqlite.Connection,
-        status: JobStatus,
-        error: str,
-        where: str,
-        params: Mapping[str, Any],
-        *,
-        returning: str = "id",
-    ) -> list[aiosqlite.Row]:
-        """End the jobs matching `where` as `status` (failed or dead) with `error`, lease freed."""
-        return await self._transition(
-            conn,
-            status,
-            where,
-            {**params, "error": error},
-            sets=("error = :error", *FREE_LEASE),
-            returning=returning,
-        )
 
     # --- admission -----------------------------------------------------------------------------
 

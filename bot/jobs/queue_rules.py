@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from bot.jobs.models import (
+    CANCELLED_ERROR,
     OPEN_STATUSES,
     TERMINAL_STATUSES,
     Job,
@@ -135,3 +136,76 @@ def transition_sql(status: JobStatus, where: str, *, sets: Sequence[str] = (), r
     if status in TERMINAL_STATUSES:
         assignments.append("finished_at = :now")
     return f"UPDATE jobs SET {', '.join(assignments)} WHERE {where} RETURNING {returning}"
+
+
+ConnT = TypeVar("ConnT")
+RowT = TypeVar("RowT")
+
+
+class Transitions(Generic[ConnT, RowT]):
+    """The named status changes both queue backends make, written once over their `_transition`."""
+
+    async def _transition(
+        self,
+        conn: ConnT,
+        status: JobStatus,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        sets: Sequence[str] = (),
+        returning: str = "id",
+    ) -> list[RowT]:
+        raise NotImplementedError
+
+    async def _set_cancelled(
+        self, conn: ConnT, where: str, params: Mapping[str, Any], *, returning: str = "id"
+    ) -> list[RowT]:
+        """Cancel the jobs matching `where` (error "Cancelled.", lease freed)."""
+        return await self._transition(
+            conn,
+            JobStatus.CANCELLED,
+            where,
+            {**params, "error": CANCELLED_ERROR},
+            sets=("error = :error", *FREE_LEASE),
+            returning=returning,
+        )
+
+    async def _requeue(
+        self,
+        conn: ConnT,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        not_before: float,
+        sets: Sequence[str] = (),
+        returning: str = "id",
+    ) -> list[RowT]:
+        """Put the jobs matching `where` back in the queue, eligible from `not_before`, lease freed."""
+        return await self._transition(
+            conn,
+            JobStatus.QUEUED,
+            where,
+            {**params, "not_before": not_before},
+            sets=("not_before = :not_before", *sets, *FREE_LEASE),
+            returning=returning,
+        )
+
+    async def _bury(
+        self,
+        conn: ConnT,
+        status: JobStatus,
+        error: str,
+        where: str,
+        params: Mapping[str, Any],
+        *,
+        returning: str = "id",
+    ) -> list[RowT]:
+        """End the jobs matching `where` as `status` (failed or dead) with `error`, lease freed."""
+        return await self._transition(
+            conn,
+            status,
+            where,
+            {**params, "error": error},
+            sets=("error = :error", *FREE_LEASE),
+            returning=returning,
+        )
