@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import discord
+from job_rows import ALICE, job_row
 
 from bot.discord_ui import messages
 from bot.jobs.models import Job, JobKind, JobStatus
-
-ALICE = 111
 
 
 def make_job(
@@ -23,32 +22,11 @@ def make_job(
     error: str | None = None,
 ) -> Job:
     """A job row as the queue returns it (only what the embeds read is interesting)."""
-    return Job(
+    return job_row(
         id=job_id,
         kind=kind,
-        parent_id=None,
-        image_index=None,
-        guild_id=1,
-        channel_id=2,
-        user_id=ALICE,
-        interaction_id=None,
-        params={"prompt": "a pony", "seed": 42, "steps": 20, "width": 512, "height": 768, **(params or {})},
-        cost=1,
         status=status,
-        attempts=1,
-        cancel_requested=False,
-        lease_owner=None,
-        lease_expires_at=None,
-        not_before=0.0,
-        created_at=1000.0,
-        started_at=None,
-        generated_at=None,
-        finished_at=None,
-        updated_at=1000.0,
-        reply_to_message_id=None,
-        status_message_id=None,
-        result_message_id=None,
-        result_files=[],
+        params=params,
         seeds=seeds or [],
         gen_seconds=gen_seconds,
         error=error,
