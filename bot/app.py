@@ -12,6 +12,14 @@
    use cases (`JobActions`, `MemberImages`);
 3. `PonyBot.attach(services)`, which puts the slash commands (closures over the services) on the
    client's tree; only then is the client started.
+
+With `PONY_DATABASE_URL` the queue is PostgreSQL (`open_queue`) and several processes may share
+it: `run_worker` (`ponybot worker`) runs only the worker half, over REST (`login()`, never a
+gateway connection, never a command sync); `ponybot run --no-worker` (`PONY_LOCAL_WORKER=false`)
+runs only the gateway half: its worker is built but never started (`Worker.stay_elsewhere`), so
+it serves commands and queues jobs that the worker processes claim. The per-guild settings and the
+synced command schema stay in the SQLite file (`PONY_DB`) of the one gateway process
+(`_stores_queue`).
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import discord
 from discord import app_commands
@@ -34,29 +46,83 @@ from bot.discord_ui.member_images import ImageOptions, MemberImages
 from bot.discord_ui.output_filter import OutputFilter
 from bot.discord_ui.services import Services
 from bot.jobs.app_state import AppState
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.models import QueueLimits
+from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.queue import JobQueue
 from bot.ops.ops import Ops
 from bot.policy.guard import Guard
 from bot.runtime.engine import Engine
-from bot.runtime.worker import Worker, WorkerFailed
+from bot.runtime.worker import Worker, WorkerFailed, new_worker_id
 
 log = logging.getLogger(__name__)
 
+#: PostgreSQL keeps at most 63 characters of an application_name
+APPLICATION_NAME_CHARS = 63
 
-async def open_queue(settings: Settings) -> JobQueue:
-    """The job queue on `PONY_DB_PATH` (connected and migrated)."""
+
+def gateway_name() -> str:
+    """The database application_name of a gateway process that runs no worker."""
+    return f"ponybot-gateway:{socket.gethostname()}:{os.getpid()}"[:APPLICATION_NAME_CHARS]
+
+
+class DatabaseUnreachable(Exception):
+    """PostgreSQL at PONY_DATABASE_URL could not be reached or refused the connection (one line)."""
+
+
+def database_place(url: str) -> str:
+    """Where a database URL points, without its user or password: "host:port/database"."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
+
+
+async def open_queue(settings: Settings, *, application_name: str | None = None) -> JobQueue | PgJobQueue:
+    """The job queue (connected and migrated): PostgreSQL at `PONY_DATABASE_URL` when set (its
+    connections named `application_name`, default `gateway_name()`), else SQLite at `PONY_DB`.
+
+    Raises DatabaseUnreachable when PostgreSQL cannot be reached or refuses the connection.
+    """
+    import asyncpg  # type: ignore[import-untyped]
+
+    limits = QueueLimits.from_settings(settings)
+    if settings.database_url is not None:
+        try:
+            return await PgJobQueue.open(
+                settings.database_url,
+                limits,
+                images_dir=settings.images_dir,
+                application_name=application_name or gateway_name(),
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseUnreachable(
+                f"Could not open the PostgreSQL queue at {database_place(settings.database_url)}"
+                f" ({type(exc).__name__}: {exc}). Check PONY_DATABASE_URL and that the server is up."
+            ) from exc
+    return await JobQueue.open(settings.db_path, limits, busy_timeout_ms=settings.db_busy_timeout_ms)
+
+
+async def _stores_queue(settings: Settings, queue: JobQueue | PgJobQueue) -> JobQueue:
+    """The SQLite database that keeps the guild settings and the app state: the queue itself, or,
+    when the jobs are in PostgreSQL, the gateway's own SQLite file at `PONY_DB`."""
+    if isinstance(queue, JobQueue):
+        return queue
     return await JobQueue.open(
         settings.db_path, QueueLimits.from_settings(settings), busy_timeout_ms=settings.db_busy_timeout_ms
     )
 
 
-def build_services(settings: Settings, queue: JobQueue, engine: Engine, client: discord.Client) -> Services:
-    """Build every service of one bot process, once, on `queue`, `engine` and `client` (nothing starts)."""
-    guard = Guard(settings, queue)
-    if guard.store is None:  # a guard built with a queue always has its store
-        raise RuntimeError("the guard has no guild settings store")
-    delivery = Delivery(client, queue, settings.images_dir)
+def build_worker(
+    settings: Settings,
+    queue: JobQueueContract,
+    engine: Engine,
+    delivery: Delivery,
+    client: discord.Client,
+    *,
+    worker_id: str | None = None,
+) -> tuple[Worker, Ops, OutputFilter | None]:
+    """The worker with its watchers: `Ops` (given the worker's heartbeat / on_finished hooks) and
+    the image filter (its `screen` hook, when PONY_NSFW_CLASSIFIER is set). Nothing starts."""
     worker = Worker(
         queue,
         engine,
@@ -65,6 +131,7 @@ def build_services(settings: Settings, queue: JobQueue, engine: Engine, client: 
         batch_size=settings.batch_size,
         job_timeout_s=settings.job_timeout_s,
         lease_s=settings.lease_s,
+        worker_id=worker_id,
     )
     ops = Ops(settings, engine, worker)  # metrics, health, periodic refresh and retention
     worker.heartbeat = ops.worker_heartbeat
@@ -72,7 +139,35 @@ def build_services(settings: Settings, queue: JobQueue, engine: Engine, client: 
     output_filter = OutputFilter(settings, engine, client) if settings.nsfw_classifier is not None else None
     if output_filter is not None:
         worker.screen = output_filter.screen
-    image_options = ImageOptions(settings)  # /pony image:, strength:, hires: (issue #14)
+    return worker, ops, output_filter
+
+
+def build_services(
+    settings: Settings,
+    queue: JobQueue | PgJobQueue,
+    engine: Engine,
+    client: discord.Client,
+    *,
+    stores: JobQueue | None = None,
+    worker_id: str | None = None,
+) -> Services:
+    """Build every service of one bot process, once, on `queue`, `engine` and `client` (nothing starts).
+
+    `stores` keeps the guild settings and app state (default: `queue`, which must then be SQLite).
+    With `settings.local_worker` false the worker is built but never started (`stay_elsewhere`).
+    """
+    if stores is None:
+        if not isinstance(queue, JobQueue):
+            raise TypeError("build_services: a PostgreSQL queue needs the SQLite `stores` database")
+        stores = queue
+    guard = Guard(settings, stores)
+    if guard.store is None:  # a guard built with a queue always has its store
+        raise RuntimeError("the guard has no guild settings store")
+    delivery = Delivery(client, queue, settings.images_dir)
+    worker, ops, output_filter = build_worker(settings, queue, engine, delivery, client, worker_id=worker_id)
+    if not settings.local_worker:
+        worker.stay_elsewhere()
+    image_options = ImageOptions(settings, queue)  # /pony image:, strength:, hires: (issue #14)
     actions = JobActions(
         settings,
         queue=queue,
@@ -92,7 +187,7 @@ def build_services(settings: Settings, queue: JobQueue, engine: Engine, client: 
         client=client,
         queue=queue,
         engine=engine,
-        app_state=AppState(queue),
+        app_state=AppState(stores),
         guild_settings=guard.store,
         guard=guard,
         delivery=delivery,
@@ -117,10 +212,20 @@ async def run_bot(
         raise SystemExit("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).")
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     settings.images_dir.mkdir(parents=True, exist_ok=True)
-    queue = await open_queue(settings)
+    worker_id = new_worker_id() if settings.local_worker else None
+    queue = await open_queue(settings, application_name=worker_id)
+    try:
+        stores = await _stores_queue(settings, queue)
+    except BaseException:
+        await queue.close()
+        raise
     engine = Engine(settings.generator_config())
     client = make_client(settings)  # PONY_SHARDS: one gateway connection, or shards in this process
-    services = build_services(settings, queue, engine, client)
+    services = build_services(settings, queue, engine, client, stores=stores, worker_id=worker_id)
+    if not settings.local_worker:
+        log.info("no local worker (--no-worker / PONY_LOCAL_WORKER=false): `ponybot worker` runs the jobs")
+        if settings.database_url is None:
+            log.warning("no local worker and no PONY_DATABASE_URL: nothing will run the queued jobs")
     client.attach(services)
     if started is not None:
         started(services)
@@ -146,8 +251,79 @@ async def run_bot(
     finally:
         await services.ops.stop()
         await queue.close()
+        if stores is not queue:
+            await stores.close()
     if services.worker.fatal is not None:
         raise WorkerFailed(services.worker.fatal)
+
+
+@dataclass(frozen=True)
+class WorkerProcess:
+    """The services of one `ponybot worker` process (see `run_worker`)."""
+
+    settings: Settings
+    #: a REST-only client: logged in, never connected to the gateway
+    client: discord.Client
+    queue: JobQueueContract
+    engine: Engine
+    delivery: Delivery
+    worker: Worker
+    ops: Ops
+    output_filter: OutputFilter | None
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    stop: asyncio.Event | None = None,
+    started: Callable[[WorkerProcess], None] | None = None,
+) -> None:
+    """`ponybot worker`: claim, generate and deliver jobs of the PostgreSQL queue until SIGINT/SIGTERM
+    (or `stop` is set); `started` gets the services once the worker runs.
+
+    Logs in over REST only (`login()`, never `connect()`: no gateway, no command sync) and posts
+    by channel id. On stop the running job finishes within PONY_SHUTDOWN_GRACE_S, else it and
+    every other job this worker holds go back to the queue.
+    """
+    if settings.discord_token is None:
+        raise ValueError("DISCORD_TOKEN is not set")
+    if settings.database_url is None:
+        raise ValueError("ponybot worker needs PONY_DATABASE_URL (PostgreSQL)")
+    point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    worker_id = new_worker_id()
+    queue = await open_queue(settings, application_name=worker_id)
+    engine = Engine(settings.generator_config())
+    client = discord.Client(intents=discord.Intents.none(), allowed_mentions=discord.AllowedMentions.none())
+    delivery = Delivery(client, queue, settings.images_dir)
+    worker, ops, output_filter = build_worker(settings, queue, engine, delivery, client, worker_id=worker_id)
+    stop = stop or asyncio.Event()
+    worker.on_fatal = lambda _reason: stop.set()  # e.g. a hung GPU: shut down, then exit non-zero
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with client:
+            await client.login(settings.discord_token.get_secret_value())  # REST only: no gateway
+            await ops.start()
+            engine.start_loading()
+            worker.start()
+            log.info("worker %s serving the queue as %s", worker.worker_id, client.user)
+            if started is not None:
+                started(WorkerProcess(settings, client, queue, engine, delivery, worker, ops, output_filter))
+            try:
+                await stop.wait()
+            finally:
+                log.info("shutting down")
+                await worker.stop(grace_s=settings.shutdown_grace_s)
+    finally:
+        await ops.stop()
+        engine.shutdown()
+        await queue.close()
+    if worker.fatal is not None:
+        raise WorkerFailed(worker.fatal)
 
 
 async def sync_now(settings: Settings) -> SyncResult:
@@ -162,9 +338,11 @@ async def sync_now(settings: Settings) -> SyncResult:
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     queue = await open_queue(settings)
     engine = Engine(settings.generator_config())  # never loaded: the commands only need to exist
+    stores: JobQueue | None = None
     try:
+        stores = await _stores_queue(settings, queue)
         client = discord.Client(intents=discord.Intents.none())  # login() runs no PonyBot.setup_hook
-        services = build_services(settings, queue, engine, client)
+        services = build_services(settings, queue, engine, client, stores=stores)
         tree: app_commands.CommandTree = app_commands.CommandTree(client)
         guild = add_commands(tree, services)
         async with client:
@@ -175,3 +353,5 @@ async def sync_now(settings: Settings) -> SyncResult:
     finally:
         engine.shutdown()
         await queue.close()
+        if stores is not None and stores is not queue:
+            await stores.close()

@@ -1,4 +1,4 @@
-"""The `ponybot` console script: run, sync, generate, tiny-model, migrate, doctor, invite-url."""
+"""The `ponybot` console script: run, worker, sync, generate, tiny-model, migrate, doctor, invite-url."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bot.config import Settings, SettingsError, load_settings
@@ -15,22 +16,57 @@ from generator.config import GeneratorConfig
 #: exit status when Discord refused something or could not be reached (2: bad settings)
 EXIT_DISCORD = 3
 
+#: exit status when the PostgreSQL queue (PONY_DATABASE_URL) could not be opened
+EXIT_DATABASE = 5
+
 #: `ponybot run`'s exit status when the worker could not go on, e.g. a hung GPU (systemd's
 #: Restart=on-failure restarts it)
 EXIT_WORKER_FAILED = 4
 
 
-def _run(_args: argparse.Namespace) -> int:
+#: `ponybot worker` without PostgreSQL: the one line it prints (exit status 2)
+WORKER_NEEDS_POSTGRES = (
+    "ponybot worker needs PONY_DATABASE_URL (PostgreSQL) to share the queue with `ponybot run`;"
+    " with SQLite, one `ponybot run` is the worker."
+)
+
+
+def _run(args: argparse.Namespace) -> int:
     from bot.app import run_bot
-    from bot.runtime.worker import WorkerFailed
 
     settings = _discord_settings()
     if settings is None:
         return 2
+    if args.no_worker:
+        settings = settings.model_copy(update={"local_worker": False})
+    return _serve(run_bot, settings)
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    from bot.app import run_worker
+
+    loaded = load_settings()
+    if loaded.database_url is None:
+        print(WORKER_NEEDS_POSTGRES, file=sys.stderr)
+        return 2
+    settings = _discord_settings(loaded)
+    if settings is None:
+        return 2
+    return _serve(run_worker, settings)
+
+
+def _serve(serve: Callable[[Settings], Coroutine[Any, Any, None]], settings: Settings) -> int:
+    """Run `ponybot run` / `ponybot worker` until stopped: 0, or one line and a non-zero status."""
+    from bot.app import DatabaseUnreachable
+    from bot.runtime.worker import WorkerFailed
+
     try:
-        asyncio.run(run_bot(settings))
+        asyncio.run(serve(settings))
     except KeyboardInterrupt:
         pass
+    except DatabaseUnreachable as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_DATABASE
     except WorkerFailed as exc:
         print(
             f"{exc}; its jobs are back in the queue. Exiting so the service manager restarts"
@@ -45,12 +81,12 @@ def _run(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _discord_settings() -> Settings | None:
-    """Settings for a command that logs in to Discord, with logging set up; None (after one line
-    on stderr) when DISCORD_TOKEN is missing."""
+def _discord_settings(settings: Settings | None = None) -> Settings | None:
+    """Settings (`settings`, else loaded) for a command that logs in to Discord, with logging set
+    up; None (after one line on stderr) when DISCORD_TOKEN is missing."""
     from bot.logging_setup import setup_logging
 
-    settings = load_settings()
+    settings = settings or load_settings()
     if settings.discord_token is None:
         print("Missing setting DISCORD_TOKEN: put the bot token in .env (see README).", file=sys.stderr)
         return None
@@ -142,7 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (generate/tiny-model parse their own options)."""
     parser = argparse.ArgumentParser(prog="ponybot", description="pony-diffusion Discord bot")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="log in to Discord and serve /pony").set_defaults(func=_run)
+    run = sub.add_parser("run", help="log in to Discord and serve /pony")
+    run.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="serve the commands and queue jobs, but run none here (`ponybot worker` does; PONY_LOCAL_WORKER=false)",
+    )
+    run.set_defaults(func=_run)
+    sub.add_parser(
+        "worker", help="claim, generate and deliver jobs of the PostgreSQL queue (REST only, no gateway)"
+    ).set_defaults(func=_worker)
     sub.add_parser(
         "sync", help="send the slash commands to Discord now, even if unchanged (REST only)"
     ).set_defaults(func=_sync)

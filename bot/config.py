@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     db_busy_timeout_ms: int = Field(
         10_000, ge=0, le=600_000, validation_alias=_env("PONY_DB_BUSY_TIMEOUT_MS")
     )
+    #: PostgreSQL instead of SQLite, for GPU workers on several machines (README, "More than one GPU")
+    database_url: str | None = Field(None, validation_alias=_env("PONY_DATABASE_URL"))
+    #: whether `ponybot run` runs a GPU worker of its own (`ponybot run --no-worker` says no)
+    local_worker: bool = Field(True, validation_alias=_env("PONY_LOCAL_WORKER"))
 
     # --- Model ---------------------------------------------------------------------------------
     model: str = Field("AstraliteHeart/pony-diffusion", validation_alias=_env("PONY_MODEL"))
@@ -149,6 +153,16 @@ class Settings(BaseSettings):
             raise ValueError("use auto (the count Discord recommends) or a whole number of shards, 1 or more")
         return int(text)
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: object) -> str | None:
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            return None
+        if not text.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a PostgreSQL URL such as postgresql://ponybot:PASSWORD@db-host/ponybot")
+        return text
+
     @field_validator("discord_api_base", "discord_gateway_url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -235,6 +249,10 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line naming it."""
 
 
+#: settings whose bad value is never echoed in the error (they hold a token or a password)
+_SECRET_SETTINGS = frozenset({"DISCORD_TOKEN", "PONY_DATABASE_URL"})
+
+
 def _env_name(loc: tuple) -> str:
     field = str(loc[0]) if loc else ""
     info = Settings.model_fields.get(field)
@@ -256,5 +274,5 @@ def load_settings(**overrides: object) -> Settings:
             raise SettingsError(f"Invalid settings: {msg}") from None
         name = _env_name(loc)
         given = err.get("input")
-        shown = "" if name == "DISCORD_TOKEN" or isinstance(given, dict) else f" (got {given!r})"
+        shown = "" if name in _SECRET_SETTINGS or isinstance(given, dict) else f" (got {given!r})"
         raise SettingsError(f"Invalid setting {name}: {msg}{shown}") from None

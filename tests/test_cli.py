@@ -76,3 +76,29 @@ def test_run_with_discord_unreachable_is_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Could not reach Discord at http://127.0.0.1:9")
     assert "Traceback" not in result.stderr and "sekrit" not in result.stderr + result.stdout
+
+
+def test_worker_without_database_url_is_one_line(tmp_path: Path) -> None:
+    for env in (base_env(tmp_path), base_env(tmp_path) | {"DISCORD_TOKEN": "sekrit.token.value"}):
+        result = run("worker", env=env, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            "ponybot worker needs PONY_DATABASE_URL (PostgreSQL) to share the queue with `ponybot run`;"
+            " with SQLite, one `ponybot run` is the worker."
+        )
+        assert result.stdout == "" and not (tmp_path / "data" / "jobs.sqlite3").exists()
+
+
+def test_worker_with_the_database_unreachable_is_one_line(tmp_path: Path) -> None:
+    env = base_env(tmp_path) | {
+        "DISCORD_TOKEN": "sekrit.token.value",
+        "PONY_DATABASE_URL": "postgresql://pony:hunter2@127.0.0.1:9/ponybot",  # the discard port
+        "DISCORD_API_BASE": "http://127.0.0.1:9",
+    }
+    result = run("worker", env=env, cwd=tmp_path)
+    assert result.returncode == 5
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Could not open the PostgreSQL queue at 127.0.0.1:9/ponybot (")
+    assert last.endswith("Check PONY_DATABASE_URL and that the server is up.")
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout and "sekrit" not in result.stderr + result.stdout

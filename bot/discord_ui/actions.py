@@ -21,7 +21,7 @@ from bot.discord_ui.replies import tell
 from bot.errors import BUSY, Refusal, refusal_text
 from bot.jobs.extras import hires_of, job_cost, job_extras
 from bot.jobs.models import Job, JobKind, JobStatus, QueueFull
-from bot.jobs.queue import JobQueue
+from bot.jobs.contract import JobQueueContract
 from bot.logging_setup import log_job_event
 from bot.ops.ops import Ops
 from bot.policy.guard import Guard, Policy
@@ -89,7 +89,7 @@ class JobActions:
         self,
         settings: Settings,
         *,
-        queue: JobQueue,
+        queue: JobQueueContract,
         engine: Engine,
         guard: Guard,
         delivery: Delivery,
@@ -369,7 +369,7 @@ class JobActions:
                 log.warning("could not post status for job %s: %s", job.id, exc)
             self.worker.wake()
         where = f"position {position}" if position else "starting now"
-        unavailable = engine_notice(self.engine)
+        unavailable = engine_notice(self.engine) if self.settings.local_worker else None
         await tell(
             interaction,
             (f"{note}\n" if note else "")

@@ -74,7 +74,8 @@ class PonyBot(discord.Client):
         return self._services
 
     async def setup_hook(self) -> None:
-        """Register persistent buttons, sync the commands, start the model and the worker."""
+        """Register persistent buttons, sync the commands, start the model and the worker (unless
+        this process runs none: `ponybot run --no-worker`)."""
         services = self.services
         self.add_dynamic_items(JobButton)
         # only a schema that changed since the last successful sync is sent (CommandSyncRefused: one line)
@@ -89,8 +90,9 @@ class PonyBot(discord.Client):
                 result.count,
                 result.where,
             )
-        services.engine.start_loading()
-        services.worker.start()
+        if services.settings.local_worker:  # else `ponybot worker` processes run the jobs
+            services.engine.start_loading()
+            services.worker.start()
 
     async def on_ready(self) -> None:
         """Gateway connected: healthy again; log who and where we are."""

@@ -5,6 +5,11 @@ webhook, so a job that waited past the 15-minute interaction token still deliver
 idempotent: the status message becomes the result (an edit can be repeated), and when no message
 id was recorded (a crash between posting and recording) the channel's recent history is searched
 for the bot's message naming the job before anything new is posted.
+
+Several processes may deliver from one PostgreSQL queue: a generated job is delivered only by the
+process that holds its delivery (`claim_delivery`), its images are fetched from the queue when they
+were saved on another machine (`ensure_files`), and progress edits in a channel are paced across
+every process (`progress_slot`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import socket
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -25,9 +33,9 @@ from PIL import Image
 from bot.discord_ui import messages
 from bot.discord_ui.buttons import status_view
 from bot.discord_ui.result_message import build_result_message
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.db import retrying
 from bot.jobs.models import NOTICE_STATUSES, Job, JobStatus
-from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,17 @@ def is_permanent(exc: Exception) -> bool:
     )
 
 
+def delivery_owner() -> str:
+    """An id unique to this process run: the holder of the deliveries it makes (`claim_delivery`)."""
+    return f"delivery:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Done callback of a progress edit: its error is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("progress edit failed", exc_info=task.exception())
+
+
 def post_nonce(job_id: int, purpose: str) -> str:
     """The nonce of a job's channel post (<= 25 chars), the same on every try of that post.
 
@@ -68,12 +87,20 @@ class Delivery:
     """Builds and sends status, progress and result messages for jobs."""
 
     def __init__(
-        self, client: discord.Client, queue: JobQueue, images_dir: Path, *, progress_every_s: float = 2.0
+        self,
+        client: discord.Client,
+        queue: JobQueueContract,
+        images_dir: Path,
+        *,
+        progress_every_s: float = 2.0,
+        owner: str | None = None,
     ):
         self.client = client
         self.queue = queue
         self.images_dir = images_dir
         self.progress_every_s = progress_every_s
+        #: who holds this process's deliveries (`claim_delivery`): one id per process
+        self.owner = owner or delivery_owner()
         self._locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._last_progress: dict[int, float] = {}
         self._progress_tasks: dict[int, asyncio.Task[None]] = {}
@@ -156,7 +183,14 @@ class Delivery:
         if pending is not None and not pending.done():
             return
         self._last_progress[job.id] = now
-        self._progress_tasks[job.id] = asyncio.ensure_future(self._edit_progress(job, step, total, preview))
+        task = asyncio.ensure_future(self._paced_progress(job, step, total, preview))
+        task.add_done_callback(_log_failure)
+        self._progress_tasks[job.id] = task
+
+    async def _paced_progress(self, job: Job, step: int, total: int, preview: Image.Image | None) -> None:
+        """A progress edit, unless the channel had one from any process in the last `progress_every_s`."""
+        if await self.queue.progress_slot(job.channel_id, self.progress_every_s):
+            await self._edit_progress(job, step, total, preview)
 
     async def _edit_progress(self, job: Job, step: int, total: int, preview: Image.Image | None) -> None:
         async with self._locks[job.id]:
@@ -191,11 +225,16 @@ class Delivery:
                 current = await self.queue.get(job.id)
                 if current is None or current.status != JobStatus.GENERATED:
                     return
+                if not await self.queue.claim_delivery(current.id, self.owner):
+                    return  # another process is delivering it now
                 await self._deliver_locked(current)
         finally:
             self._delivering.discard(job.id)
 
     async def _deliver_locked(self, job: Job) -> None:
+        missing = await self.queue.ensure_files(job.result_files)  # saved on another machine: fetched
+        if missing:
+            log.warning("result files not found anywhere: %s", missing, extra={"job_id": job.id})
         paths = [self.images_dir / name for name in job.result_files]
         limit = self.file_limit(job)
         for _ in range(SHRINK_TRIES):

@@ -38,9 +38,9 @@ from bot.discord_ui.actions import JobActions, validate_params
 from bot.discord_ui.buttons import interaction_custom_id
 from bot.discord_ui.replies import tell
 from bot.errors import Refusal, refusal_text
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.extras import hires_extra, job_extras
 from bot.jobs.models import Job, JobKind
-from bot.jobs.queue import JobQueue
 from bot.policy.guard import Guard, Policy, channel_is_nsfw
 from bot.policy.text import clean_prompt, escape_for_discord
 from bot.runtime.engine import Engine
@@ -271,10 +271,15 @@ def recreate_command(images: MemberImages) -> app_commands.ContextMenu:
 
 
 class ImageOptions:
-    """/pony's `image`, `strength`, `hires` and `hires_scale` options (`JobActions`' PonyExtras)."""
+    """/pony's `image`, `strength`, `hires` and `hires_scale` options (`JobActions`' PonyExtras).
 
-    def __init__(self, settings: Settings):
+    A saved upload is shared through `queue` (`share_files`), so a worker on another machine can
+    read it.
+    """
+
+    def __init__(self, settings: Settings, queue: JobQueueContract):
         self.settings = settings
+        self.queue = queue
 
     def forget_source(self, rel: str) -> None:
         """Delete a saved upload whose job was refused (best effort)."""
@@ -311,6 +316,11 @@ class ImageOptions:
             params = validate_params(s, replace(params, width=width, height=height))
         key = interaction.id
         rel = await asyncio.to_thread(save_source, s.images_dir, key, picture)
+        try:
+            await self.queue.share_files([rel])
+        except BaseException:
+            self.forget_source(rel)  # nothing is queued: do not keep the file
+            raise
         value = s.variation_strength if strength is None else float(strength)
         return JobKind.VARIATION, params, {"source": rel, "strength": value}, None
 
@@ -322,7 +332,7 @@ class MemberImages:
         self,
         settings: Settings,
         *,
-        queue: JobQueue,
+        queue: JobQueueContract,
         engine: Engine,
         guard: Guard,
         actions: JobActions,

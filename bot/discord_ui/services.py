@@ -13,8 +13,8 @@ from bot.discord_ui.delivery import Delivery
 from bot.discord_ui.member_images import ImageOptions, MemberImages
 from bot.discord_ui.output_filter import OutputFilter
 from bot.jobs.app_state import AppState
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.guild_settings import GuildSettingsStore
-from bot.jobs.queue import JobQueue
 from bot.ops.ops import Ops
 from bot.policy.guard import Guard
 from bot.runtime.engine import Engine
@@ -28,7 +28,8 @@ class Services:
     settings: Settings
     #: the Discord client the services post through (a `PonyBot`, or a REST-only client for `ponybot sync`)
     client: discord.Client
-    queue: JobQueue
+    #: the job queue: SQLite, or PostgreSQL shared with `ponybot worker` processes
+    queue: JobQueueContract
     engine: Engine
     #: small facts kept in the database (the last synced command schema)
     app_state: AppState
@@ -36,6 +37,8 @@ class Services:
     guild_settings: GuildSettingsStore
     guard: Guard
     delivery: Delivery
+    #: this process's worker; with `ponybot run --no-worker` built but never started
+    #: (`WorkerState.ELSEWHERE`: it claims nothing, `wake` and `request_cancel` do nothing)
     worker: Worker
     ops: Ops
     #: the image filter (PONY_NSFW_CLASSIFIER), None when it is off

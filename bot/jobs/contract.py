@@ -1,12 +1,15 @@
 """The job queue's contract: the methods the SQLite `JobQueue` and the PostgreSQL `PgJobQueue` share.
 
+The multi-machine methods (`register_worker` ... `listen_cancels`) are real on PostgreSQL and the
+simple single-process answer on SQLite (no-ops, the local disk, an in-memory rate limit).
+
 Callers that need no engine-specific extra (`JobQueue.exclusive()`, `PgJobQueue.pool`) can be
 typed against `JobQueueContract`; both classes satisfy it (checked by tests/jobs/test_contract.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from bot.jobs.models import Job, JobKind, QueueLimits, RecoveryReport
@@ -139,6 +142,44 @@ class JobQueueContract(Protocol):
 
     async def recent_jobs(self, since: float) -> list[Job]:
         """Jobs created at or after `since`."""
+        ...
+
+    # --- several machines on one queue (PostgreSQL; the single-process answer on SQLite) -------
+
+    async def register_worker(self, worker_id: str, on_lost: Callable[[], None] | None = None) -> None:
+        """Make `worker_id` live (a dedicated connection on PG); `on_lost()` once if that is lost."""
+        ...
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Close `worker_id`'s registration (it is no longer live)."""
+        ...
+
+    async def requeue_orphaned(self) -> list[int]:
+        """Take back running jobs whose owner is not a live worker; return their ids."""
+        ...
+
+    async def share_files(self, names: Sequence[str], job_id: int | None = None) -> None:
+        """Publish local files `images_dir/name` to other machines."""
+        ...
+
+    async def ensure_files(self, names: Sequence[str]) -> list[str]:
+        """Make each name present under images_dir; return the names found nowhere."""
+        ...
+
+    async def claim_delivery(self, job_id: int, owner: str, hold_s: float = 60.0) -> bool:
+        """True when `owner` may deliver the generated job now (holds it for `hold_s`)."""
+        ...
+
+    async def progress_slot(self, channel_id: int, every_s: float) -> bool:
+        """True when a progress edit in this channel may be sent now (records it)."""
+        ...
+
+    async def live_workers(self) -> int:
+        """How many workers are live (at least 1)."""
+        ...
+
+    async def listen_cancels(self, on_cancel: Callable[[int], None]) -> None:
+        """Call `on_cancel(job_id)` when another process requests a running job's cancel."""
         ...
 
 

@@ -55,21 +55,28 @@ def remaining_seconds(work: RunningWork, now: float, spu: float) -> float:
     return max(work.cost * spu - (now - (work.started_at or now)), 0.0)
 
 
-def queued_eta(place: QueuePlace, running: Iterable[RunningWork], now: float, spu: float) -> float:
-    """Seconds until a queued job is generated: the work ahead, its own, and what running jobs have left."""
+def queued_eta(
+    place: QueuePlace, running: Iterable[RunningWork], now: float, spu: float, workers: int = 1
+) -> float:
+    """Seconds until a queued job is generated: the work ahead, its own, and what running jobs have left.
+
+    `workers` live workers drain the work ahead (and what is running) side by side; the job's own
+    work runs on one of them.
+    """
     running_s = sum(remaining_seconds(work, now, spu) for work in running)
-    return (place.ahead_cost + place.own_cost) * spu + running_s
+    return (place.ahead_cost * spu + running_s) / max(workers, 1) + place.own_cost * spu
 
 
 def slot_free_seconds(
-    running: Iterable[RunningWork], next_queued_cost: float | None, now: float, spu: float
+    running: Iterable[RunningWork], next_queued_cost: float | None, now: float, spu: float, workers: int = 1
 ) -> float:
     """Seconds until a queue slot frees: the soonest running job's remaining time, else the next job's.
 
-    With nothing running the next queued job's cost (1 when none) is the estimate; never below
-    `MIN_RETRY_S`.
+    With nothing running the next queued job's cost (1 when none), shared by `workers` live
+    workers, is the estimate; never below `MIN_RETRY_S`.
     """
     remaining = [remaining_seconds(work, now, spu) for work in running]
     if remaining:
         return max(min(remaining), MIN_RETRY_S)
-    return max((1 if next_queued_cost is None else next_queued_cost) * spu, MIN_RETRY_S)
+    cost = 1 if next_queued_cost is None else next_queued_cost
+    return max(cost * spu / max(workers, 1), MIN_RETRY_S)

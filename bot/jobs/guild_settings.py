@@ -1,22 +1,22 @@
-"""Per-guild settings and bans in SQLite (tables from migrations/0003_guild_admin.sql).
+"""Per-guild settings and bans (tables from migrations/0003_guild_admin.sql, on either engine).
 
-The store shares the job queue's connection. Every change is one autocommit statement (an
-UPSERT with SQLite's JSON functions for the list columns), sent through `JobQueue.exclusive()`
-so it never lands inside, and is never rolled back with, a queue transaction.
+The store works on the queue it is given (`bot.jobs.store_db`): SQLite through the queue's
+connection (`JobQueue.exclusive()`, so a change never lands inside, and is never rolled back
+with, a queue transaction), PostgreSQL through the queue's pool. Every change is one autocommit
+statement: an UPSERT, with the engine's JSON functions for the list columns.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiosqlite
 
-if TYPE_CHECKING:
-    from bot.jobs.queue import JobQueue
+from bot.jobs.store_db import Dialect, Row, Source, store_db
 
 #: Scalar per-guild settings; NULL (None) = use the global PONY_* setting.
 SETTING_COLUMNS: tuple[str, ...] = (
@@ -71,40 +71,65 @@ class Ban:
     created_at: float
 
 
+# `{cur}` (a JSON array text) with `:value` appended unless present, and `{cur}` without `:value`:
+# the engine-specific piece of the list statements below ({type}: the SQL type of the value).
+_LIST_EXPRESSIONS = {
+    "sqlite": (
+        "CASE WHEN EXISTS (SELECT 1 FROM json_each({cur}) WHERE value = :value) THEN {cur}"
+        " ELSE json_insert({cur}, '$[#]', :value) END",
+        "(SELECT json_group_array(value) FROM json_each({cur}) WHERE value != :value)",
+    ),
+    "postgres": (
+        "CASE WHEN ({cur})::jsonb @> jsonb_build_array(CAST(:value AS {type})) THEN {cur}"
+        " ELSE (({cur})::jsonb || jsonb_build_array(CAST(:value AS {type})))::text END",
+        "(SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)::text"
+        " FROM jsonb_array_elements(({cur})::jsonb) WITH ORDINALITY AS t(e, n)"
+        " WHERE e <> to_jsonb(CAST(:value AS {type})))",
+    ),
+}
 # Add `:value` to the JSON array in `{col}` unless present (creating the row when needed).
 _LIST_ADD = """
 INSERT INTO guild_settings (guild_id, {col}, updated_at, updated_by)
-VALUES (:guild, json_array(:value), :now, :by)
-ON CONFLICT (guild_id) DO UPDATE SET
-    {col} = CASE
-        WHEN EXISTS (SELECT 1 FROM json_each(coalesce(guild_settings.{col}, '[]')) WHERE value = :value)
-        THEN guild_settings.{col}
-        ELSE json_insert(coalesce(guild_settings.{col}, '[]'), '$[#]', :value)
-    END,
-    updated_at = :now, updated_by = :by
+VALUES (:guild, {added_to_empty}, :now, :by)
+ON CONFLICT (guild_id) DO UPDATE SET {col} = {added}, updated_at = :now, updated_by = :by
 RETURNING *
 """
 # Remove `:value` from the JSON array in `{col}`.
 _LIST_REMOVE = """
-UPDATE guild_settings SET
-    {col} = (SELECT json_group_array(value) FROM json_each(coalesce({col}, '[]')) WHERE value != :value),
-    updated_at = :now, updated_by = :by
+UPDATE guild_settings SET {col} = {removed}, updated_at = :now, updated_by = :by
 WHERE guild_id = :guild
 RETURNING *
 """
-_LIST_COLUMNS = ("allowed_channels", "blocked_terms")
+#: the list columns and the SQL type of their items
+_LIST_TYPES = {"allowed_channels": "bigint", "blocked_terms": "text"}
+
+
+def _list_sql(dialect: Dialect, template: str, column: str) -> str:
+    """`_LIST_ADD` / `_LIST_REMOVE` for `column` on `dialect`."""
+    add, remove = _LIST_EXPRESSIONS[dialect.name]
+    kind = _LIST_TYPES[column]
+    current = f"coalesce(guild_settings.{column}, '[]')"
+    return template.format(
+        col=column,
+        added_to_empty=add.format(cur="'[]'", type=kind),
+        added=add.format(cur=current, type=kind),
+        removed=remove.format(cur=current, type=kind),
+    )
+
+
+_LIST_COLUMNS = tuple(_LIST_TYPES)
 
 
 class GuildSettingsStore:
-    """Reads and writes `guild_settings` and `bans` over the queue's connection."""
+    """Reads and writes `guild_settings` and `bans` in the queue's database (SQLite or PostgreSQL)."""
 
-    def __init__(self, queue: JobQueue, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, queue: Source, *, clock: Callable[[], float] = time.time) -> None:
         self.queue = queue
+        self.db = store_db(queue)
         self._clock = clock
 
-    async def _rows(self, sql: str, params: Mapping[str, Any] | Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.queue.exclusive() as conn:
-            return list(await conn.execute_fetchall(sql, params))
+    async def _rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        return await self.db.fetch(sql, params)
 
     async def _settings(self, guild_id: int, sql: str, params: Mapping[str, Any]) -> GuildSettings:
         rows = await self._rows(sql, params)
@@ -147,7 +172,7 @@ class GuildSettingsStore:
     ) -> GuildSettings:
         assert column in _LIST_COLUMNS
         params = {"guild": guild_id, "value": value, "now": self._clock(), "by": by}
-        return await self._settings(guild_id, sql.format(col=column), params)
+        return await self._settings(guild_id, _list_sql(self.db.dialect, sql, column), params)
 
     async def allow_channel(self, guild_id: int, by: int | None, channel_id: int) -> GuildSettings:
         """Add a channel to the guild's allowed list (the first one restricts the bot to the list)."""

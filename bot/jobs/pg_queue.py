@@ -21,21 +21,31 @@ queue takes two transaction-scoped advisory locks where SQLite's write lock did 
 Other writes (mark_generated, mark_done, extend_lease, begin, ...) touch one job's row, or several
 running rows locked in id order, and take no advisory lock.
 
+Several machines. A worker registers (`register_worker`: a dedicated connection named after it,
+see `bot.jobs.pg_liveness`); `requeue_orphaned` and `recover` take back only running jobs whose
+owner is not live. Result files travel in `job_files` (stored by `mark_generated` in its own
+transaction, fetched by `ensure_files`), a delivery is held by one process at a time
+(`claim_delivery`), progress edits are paced per channel across processes (`progress_slot`) and
+cancel requests reach the worker's machine through NOTIFY (`listen_cancels`).
+
 Driver: asyncpg (native asyncio, binary protocol, a built-in pool, `add_listener` for
 LISTEN/NOTIFY, no libpq needed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from bot.jobs import estimates, queue_rules
+from bot.jobs import estimates, job_files, queue_rules
 from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
 from bot.jobs.models import (
     NOTICE_STATUSES,
@@ -49,6 +59,7 @@ from bot.jobs.models import (
     sql_literals,
 )
 from bot.jobs.pg_db import create_pool, migrate
+from bot.jobs.pg_liveness import LIVE_WORKERS_SQL, WorkerRegistration
 from bot.jobs.queue_rules import (
     CANCELLABLE_SQL,
     DELIVERABLE_SQL,
@@ -64,6 +75,21 @@ from generator.params import BATCH_KEY_FIELDS
 ORDER_LOCK = 0x706F6E796F726472
 #: pg_advisory_xact_lock key of admission ("ponyadmt")
 ADMIT_LOCK = 0x706F6E7961646D74
+#: the longest worker id PostgreSQL keeps whole as an application_name
+MAX_WORKER_ID = 63
+#: the NOTIFY channel of cancel requests on running jobs (payload: the job id)
+CANCEL_CHANNEL = "ponybot_cancel"
+
+log = logging.getLogger(__name__)
+
+#: running jobs whose lease owner is not a live registered worker (`requeue_orphaned`, `recover`)
+_ORPHANED_SQL = f"""
+SELECT id, attempts, cancel_requested FROM jobs AS j
+WHERE j.status = 'running' AND NOT EXISTS (
+    SELECT 1 FROM ({LIVE_WORKERS_SQL}) AS live WHERE live.worker_id = j.lease_owner
+){{extra}}
+ORDER BY id{{lock}}
+"""
 
 _NAMED_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -161,15 +187,43 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
     Safe to use from many tasks and from many processes on many machines at once.
     """
 
-    def __init__(self, pool: asyncpg.Pool, limits: QueueLimits, *, clock: Clock = time.time) -> None:
-        """Wrap a pool to an already migrated database (`bot.jobs.pg_db.create_pool` + `migrate`)."""
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        limits: QueueLimits,
+        *,
+        clock: Clock = time.time,
+        images_dir: Path | None = None,
+        url: str | None = None,
+        application_name: str = "ponybot",
+    ) -> None:
+        """Wrap a pool to an already migrated database (`bot.jobs.pg_db.create_pool` + `migrate`).
+
+        `images_dir`: where result files live locally (the file methods need it); `url`: the
+        database, for the dedicated connections of `register_worker` and `listen_cancels`.
+        """
         self._pool = pool
         self.limits = limits
         self._clock = clock
+        self.images_dir = None if images_dir is None else Path(images_dir)
+        self._url = url
+        self._application_name = application_name
+        #: worker id -> its registration (dedicated connection)
+        self._workers: dict[str, WorkerRegistration] = {}
+        #: worker ids whose registration was lost: their late writes are refused
+        self._lost: set[str] = set()
+        #: connections opened by `listen_cancels` when no worker was registered
+        self._listeners: list[asyncpg.Connection] = []
 
     @classmethod
     async def open(
-        cls, url: str, limits: QueueLimits, *, clock: Clock = time.time, application_name: str = "ponybot"
+        cls,
+        url: str,
+        limits: QueueLimits,
+        *,
+        clock: Clock = time.time,
+        application_name: str = "ponybot",
+        images_dir: Path | None = None,
     ) -> PgJobQueue:
         """Connect a pool to the database at `url`, apply migrations, and return the queue."""
         pool = await create_pool(url, application_name=application_name)
@@ -179,10 +233,18 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, limits, clock=clock)
+        return cls(
+            pool, limits, clock=clock, images_dir=images_dir, url=url, application_name=application_name
+        )
 
     async def close(self) -> None:
-        """Close the pool (waits for connections in use to be released)."""
+        """Unregister the workers, close the listeners and the pool (waits for connections in use)."""
+        for worker_id in list(self._workers):
+            await self.unregister_worker(worker_id)
+        listeners, self._listeners = self._listeners, []
+        for conn in listeners:
+            if not conn.is_closed():
+                await conn.close()
         await self._pool.close()
 
     async def __aenter__(self) -> PgJobQueue:
@@ -350,7 +412,8 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
         spu = await self._sec_per_unit(conn)
         running = await self._running_work(conn)
         cost = await conn.fetchval("SELECT cost FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1")
-        return estimates.slot_free_seconds(running, cost, now, spu)
+        workers = await self._live_workers(conn)
+        return estimates.slot_free_seconds(running, cost, now, spu, workers)
 
     # --- claiming ------------------------------------------------------------------------------
 
@@ -492,7 +555,10 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
         return [by_id[i] for i in ids if i in by_id]
 
     async def extend_lease(self, job_id: int, worker_id: str) -> bool:
-        """Push the lease of a running job forward; False if it is not running under `worker_id`."""
+        """Push the lease of a running job forward; False if it is not running under `worker_id`
+        (or `worker_id`'s registration was lost)."""
+        if worker_id in self._lost:
+            return False
         now = self._now()
         return (
             await self._one_statement(
@@ -517,8 +583,13 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
     ) -> bool:
         """running -> generated, only under the same lease owner and with no cancel requested.
 
-        Also folds `gen_seconds / cost` into the `sec_per_unit` moving average (same transaction).
+        Also folds `gen_seconds / cost` into the `sec_per_unit` moving average and stores the bytes
+        of `files` (read from `images_dir`) in `job_files`, both in the same transaction: a refused
+        write stores nothing. Refused too once `worker_id`'s registration was lost.
         """
+        if worker_id in self._lost:
+            return False
+        found = await self._read_local(files, job_id)
         async with self._write(lock=None) as conn:
             now = self._now()
             rows = await self._transition(
@@ -553,6 +624,7 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
                     sample,
                     EMA_ALPHA,
                 )
+            await self._store_files(conn, found, job_id, now)
             return True
 
     async def mark_done(self, job_id: int, result_message_id: int) -> bool:
@@ -615,7 +687,10 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
             return Job.from_row(rows[0])
 
     async def cancel(self, job_id: int) -> str:
-        """Cancel a job: "cancelled" (was queued), "requested" (running: the worker stops it), else "not_open"."""
+        """Cancel a job: "cancelled" (was queued), "requested" (running: the worker stops it), else "not_open".
+
+        A request is announced on `CANCEL_CHANNEL` (`listen_cancels`) in the same transaction.
+        """
         async with self._write() as conn:
             now = self._now()
             if await self._set_cancelled(conn, "id = :id AND status = 'queued'", {"id": job_id, "now": now}):
@@ -625,7 +700,11 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
                 now,
                 job_id,
             )
-            return "requested" if _row_count(status) > 0 else "not_open"
+            if _row_count(status) == 0:
+                return "not_open"
+            # delivered to every listener when (and only if) this transaction commits
+            await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(job_id))
+            return "requested"
 
     async def is_cancel_requested(self, job_id: int) -> bool:
         """True once `cancel` was called on the (running) job."""
@@ -687,21 +766,34 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
                 report.requeued.append(job_id)
 
     async def recover(self, worker_id: str) -> RecoveryReport:
-        """At start-up: jobs running under any other worker id go back to queued (or dead at the limit).
+        """At start-up: jobs running under another worker id that is not live go back to queued
+        (or dead at the limit, cancelled when a cancel was requested).
 
-        As `JobQueue.recover`: every running job not under `worker_id` is taken back, whichever
-        machine ran it; generated jobs stay generated.
+        Running jobs of live registered workers (other machines) are left alone, as are jobs under
+        `worker_id`; generated jobs stay generated.
         """
         report = RecoveryReport()
         async with self._write() as conn:
             now = self._now()
-            rows = await conn.fetch(
-                "SELECT id, attempts, cancel_requested FROM jobs"
-                " WHERE status = 'running' AND lease_owner IS DISTINCT FROM $1 ORDER BY id FOR UPDATE",
-                worker_id,
-            )
+            sql = _ORPHANED_SQL.format(extra=" AND j.lease_owner IS DISTINCT FROM $1", lock=" FOR UPDATE")
+            rows = await conn.fetch(sql, worker_id)
             await self._release_abandoned(conn, rows, now, report)
         return report
+
+    async def requeue_orphaned(self) -> list[int]:
+        """Take back running jobs whose owner is not a live worker (rules of `recover`); their ids.
+
+        Cheap when there are none: one read, no lock; `ORDER_LOCK` is taken only to move jobs.
+        """
+        async with self._pool.acquire() as conn:
+            if not await conn.fetch(_ORPHANED_SQL.format(extra="", lock="")):
+                return []
+        report = RecoveryReport()
+        async with self._write() as conn:
+            now = self._now()
+            rows = await conn.fetch(_ORPHANED_SQL.format(extra="", lock=" FOR UPDATE"))
+            await self._release_abandoned(conn, rows, now, report)
+        return sorted(report.requeued + report.dead + report.cancelled)
 
     async def requeue_expired(self) -> list[int]:
         """Release running jobs whose lease expired (same rule as `recover`); return their ids."""
@@ -745,9 +837,10 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
                 return None
             running = await self._running_work(conn)
             place = await self._place(conn, job_id)
+            workers = await self._live_workers(conn)
         if place is None:  # pragma: no cover - read in the same snapshot as the status
             return None
-        return estimates.queued_eta(place, running, now, spu)
+        return estimates.queued_eta(place, running, now, spu, workers)
 
     async def open_jobs(self, user_id: int) -> list[Job]:
         """The user's queued, running and generated jobs, oldest first."""
@@ -780,3 +873,172 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
     async def recent_jobs(self, since: float) -> list[Job]:
         """Jobs created at or after `since` (a clock timestamp), oldest first; for stats."""
         return await self._jobs("SELECT * FROM jobs WHERE created_at >= $1 ORDER BY id", float(since))
+
+    # --- several machines: liveness ------------------------------------------------------------
+
+    def _connect_url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("this PgJobQueue was built without `url` (open it with PgJobQueue.open)")
+        return self._url
+
+    async def register_worker(self, worker_id: str, on_lost: Callable[[], None] | None = None) -> None:
+        """Make `worker_id` live: a dedicated connection named `worker_id` (see `bot.jobs.pg_liveness`).
+
+        When that connection is lost, `on_lost()` is called once, `worker_id` stays dead (its late
+        `mark_generated` / `extend_lease` are refused) and may not be registered again.
+        """
+        if not (0 < len(worker_id) <= MAX_WORKER_ID and worker_id.isascii() and worker_id.isprintable()):
+            # PostgreSQL truncates a longer application_name and replaces other characters
+            raise ValueError(f"worker id {worker_id!r}: 1-{MAX_WORKER_ID} printable ASCII characters")
+        if worker_id in self._lost:
+            raise ValueError(f"worker id {worker_id} lost its registration; register a fresh id")
+        if worker_id in self._workers:
+            return
+
+        def lost(registration: WorkerRegistration) -> None:
+            self._lost.add(registration.worker_id)
+            if self._workers.get(registration.worker_id) is registration:
+                del self._workers[registration.worker_id]
+            if on_lost is not None:
+                on_lost()
+
+        self._workers[worker_id] = await WorkerRegistration.open(self._connect_url(), worker_id, lost)
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Close `worker_id`'s dedicated connection: it is no longer live (no `on_lost`)."""
+        registration = self._workers.pop(worker_id, None)
+        if registration is not None:
+            await registration.close()
+
+    async def _live_workers(self, conn: asyncpg.Connection) -> int:
+        return max(int(await conn.fetchval(f"SELECT count(*) FROM ({LIVE_WORKERS_SQL}) AS live")), 1)
+
+    async def live_workers(self) -> int:
+        """Number of live registered workers on this database, from every machine (at least 1)."""
+        async with self._pool.acquire() as conn:
+            return await self._live_workers(conn)
+
+    async def listen_cancels(self, on_cancel: Callable[[int], None]) -> None:
+        """Call `on_cancel(job_id)` for each cancel request `cancel()` announces, from any process.
+
+        Listens on the newest registered worker's connection (so it ends with that registration),
+        or on a connection of its own when no worker is registered here.
+        """
+
+        def notified(conn: object, pid: int, channel: str, payload: str) -> None:
+            try:
+                on_cancel(int(payload))
+            except Exception:
+                log.exception("cancel listener failed on job %s", payload)
+
+        registrations = [r for r in self._workers.values() if not r.lost]
+        if registrations:
+            await registrations[-1].listen(CANCEL_CHANNEL, notified)
+            return
+        conn = await asyncpg.connect(
+            self._connect_url(), server_settings={"application_name": self._application_name}
+        )
+        self._listeners.append(conn)
+        conn.add_termination_listener(self._listener_closed)
+        await conn.add_listener(CANCEL_CHANNEL, notified)
+
+    def _listener_closed(self, conn: asyncpg.Connection) -> None:
+        """asyncpg: a `listen_cancels` connection closed; say so unless the queue is closing."""
+        if conn in self._listeners:
+            log.warning("the cancel listener connection closed; cancels fall back to polling")
+
+    # --- several machines: files, delivery, progress ---------------------------------------------
+
+    def _folder(self) -> Path:
+        if self.images_dir is None:
+            raise RuntimeError(
+                "this PgJobQueue was opened without images_dir (PgJobQueue.open(images_dir=...))"
+            )
+        return self.images_dir
+
+    async def _read_local(self, names: Sequence[str], job_id: int | None) -> dict[str, bytes]:
+        """The bytes of the local files `names` (none without `images_dir`); missing ones are logged."""
+        if self.images_dir is None or not names:
+            return {}
+        found, missing = await asyncio.to_thread(job_files.read_local, self.images_dir, names)
+        if missing:
+            log.warning("job %s: files not found under %s, not shared: %s", job_id, self.images_dir, missing)
+        return found
+
+    @staticmethod
+    async def _store_files(
+        conn: asyncpg.Connection, files: Mapping[str, bytes], job_id: int | None, now: float
+    ) -> None:
+        if files:
+            await conn.executemany(
+                "INSERT INTO job_files (name, job_id, data, created_at) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (name) DO UPDATE SET job_id = excluded.job_id, data = excluded.data,"
+                " created_at = excluded.created_at",
+                [(name, job_id, data, now) for name, data in files.items()],
+            )
+
+    async def share_files(self, names: Sequence[str], job_id: int | None = None) -> None:
+        """Store the local files `images_dir/name` in `job_files` for other machines (upsert).
+
+        Raises FileNotFoundError naming the files that are not there (nothing is stored then).
+        """
+        found, missing = await asyncio.to_thread(job_files.read_local, self._folder(), names)
+        if missing:
+            raise FileNotFoundError(f"not under {self._folder()}: {', '.join(missing)}")
+        async with self._write(lock=None) as conn:
+            await self._store_files(conn, found, job_id, self._now())
+
+    async def ensure_files(self, names: Sequence[str]) -> list[str]:
+        """Make each name present under `images_dir`, writing missing ones from `job_files`
+        (atomic: a temporary file and a rename); return the names found nowhere."""
+        folder = self._folder()
+        missing = await asyncio.to_thread(job_files.missing_locally, folder, names)
+        if not missing:
+            return []
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT name, data FROM job_files WHERE name = ANY($1::text[])", missing)
+        stored = {
+            row["name"]: bytes(row["data"]) for row in rows if job_files.local_path(folder, row["name"])
+        }
+        await asyncio.to_thread(job_files.write_all, folder, stored)
+        return [name for name in missing if name not in stored]
+
+    async def delete_files(self, names: Sequence[str] = (), job_ids: Sequence[int] = ()) -> int:
+        """Drop stored files (retention): those named, and every file of `job_ids`; how many went."""
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM job_files WHERE name = ANY($1::text[]) OR job_id = ANY($2::bigint[])",
+                list(names),
+                list(job_ids),
+            )
+        return _row_count(status)
+
+    async def claim_delivery(self, job_id: int, owner: str, hold_s: float = 60.0) -> bool:
+        """True when `owner` may deliver the generated job now: it is unheld, held by `owner`, or the
+        hold expired; the hold (`delivery_owner`, `delivery_until`) is then set for `hold_s` s."""
+        now = self._now()
+        return (
+            await self._one_statement(
+                "UPDATE jobs SET delivery_owner = :owner, delivery_until = :until"
+                " WHERE id = :id AND status = 'generated'"
+                " AND (delivery_owner IS NULL OR delivery_owner = :owner OR delivery_until <= :now)",
+                {"owner": owner, "until": now + hold_s, "id": job_id, "now": now},
+            )
+            > 0
+        )
+
+    async def progress_slot(self, channel_id: int, every_s: float) -> bool:
+        """True (and recorded) when no process was allowed a progress edit in this channel in the
+        last `every_s` seconds (one conditional upsert: concurrent callers get one True)."""
+        now = self._now()
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO channel_progress (channel_id, last_at) VALUES ($1, $2)"
+                " ON CONFLICT (channel_id) DO UPDATE SET last_at = excluded.last_at"
+                " WHERE channel_progress.last_at <= excluded.last_at - $3::double precision"
+                " RETURNING channel_id",
+                channel_id,
+                now,
+                float(every_s),
+            )
+        return row is not None

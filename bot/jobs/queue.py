@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from bot.jobs import estimates, queue_rules
+from bot.jobs import estimates, job_files, queue_rules
 from bot.jobs.db import DEFAULT_BUSY_TIMEOUT_MS, connect, migrate
 from bot.jobs.estimates import EMA_ALPHA, QueuePlace, RunningWork
 from bot.jobs.models import (
@@ -128,13 +128,26 @@ class JobQueue(queue_rules.Transitions[aiosqlite.Connection, aiosqlite.Row]):
     several processes on the same database file (SQLite's write lock serialises them).
     """
 
-    def __init__(self, conn: aiosqlite.Connection, limits: QueueLimits, *, clock: Clock = time.time) -> None:
-        """Wrap an already migrated connection from `bot.db.connect` (autocommit mode)."""
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        limits: QueueLimits,
+        *,
+        clock: Clock = time.time,
+        images_dir: Path | None = None,
+    ) -> None:
+        """Wrap an already migrated connection from `bot.db.connect` (autocommit mode).
+
+        `images_dir`: where result files live (`ensure_files` looks there; default `./images`).
+        """
         self._conn = conn
         self.limits = limits
         self._clock = clock
         self._lock = asyncio.Lock()
         self._last_served: float | None = None
+        self.images_dir = Path("images") if images_dir is None else Path(images_dir)
+        #: channel id -> clock reading of the last progress edit allowed there (`progress_slot`)
+        self._progress: dict[int, float] = {}
 
     @classmethod
     async def open(
@@ -144,11 +157,13 @@ class JobQueue(queue_rules.Transitions[aiosqlite.Connection, aiosqlite.Row]):
         *,
         clock: Clock = time.time,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        images_dir: Path | None = None,
     ) -> JobQueue:
         """Connect to the database at `path`, apply migrations, and return the queue.
 
         `busy_timeout_ms`: how long a statement waits for another connection's write lock before
-        failing with `sqlite3.OperationalError` ("database is locked").
+        failing with `sqlite3.OperationalError` ("database is locked"). `images_dir`: where result
+        files live (default: `images` next to the database file).
         """
         conn = await connect(Path(path), busy_timeout_ms=busy_timeout_ms)
         try:
@@ -156,7 +171,8 @@ class JobQueue(queue_rules.Transitions[aiosqlite.Connection, aiosqlite.Row]):
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, limits, clock=clock)
+        folder = Path(path).parent / "images" if images_dir is None else images_dir
+        return cls(conn, limits, clock=clock, images_dir=folder)
 
     async def close(self) -> None:
         """Close the connection (waits for queued statements to finish)."""
@@ -813,3 +829,44 @@ class JobQueue(queue_rules.Transitions[aiosqlite.Connection, aiosqlite.Row]):
     async def recent_jobs(self, since: float) -> list[Job]:
         """Jobs created at or after `since` (a clock timestamp), oldest first; for stats."""
         return await self._jobs("SELECT * FROM jobs WHERE created_at >= ? ORDER BY id", (since,))
+
+    # --- several machines: one process on SQLite, so these are the simple answers -------------
+
+    async def register_worker(self, worker_id: str, on_lost: Callable[[], None] | None = None) -> None:
+        """Nothing to do: SQLite workers share one machine (liveness is the lease)."""
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Nothing to do (see `register_worker`)."""
+
+    async def requeue_orphaned(self) -> list[int]:
+        """Always `[]`: jobs of a gone process come back through `recover` and `requeue_expired`."""
+        return []
+
+    async def share_files(self, names: Sequence[str], job_id: int | None = None) -> None:
+        """Nothing to do: every process reads the same images folder."""
+
+    async def ensure_files(self, names: Sequence[str]) -> list[str]:
+        """The names with no file under `images_dir` (nowhere else to fetch them from)."""
+        return await asyncio.to_thread(job_files.missing_locally, self.images_dir, names)
+
+    async def claim_delivery(self, job_id: int, owner: str, hold_s: float = 60.0) -> bool:
+        """True when the job is generated (one process delivers on SQLite; no hold is needed)."""
+        async with self._lock:
+            row = await self._fetch_one("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        return row is not None and row[0] == JobStatus.GENERATED.value
+
+    async def progress_slot(self, channel_id: int, every_s: float) -> bool:
+        """True (and recorded) when no progress edit was allowed in this channel in the last `every_s` s."""
+        now = self._clock()
+        last = self._progress.get(channel_id)
+        if last is not None and now - last < every_s:
+            return False
+        self._progress[channel_id] = now
+        return True
+
+    async def live_workers(self) -> int:
+        """Always 1: one worker per SQLite database."""
+        return 1
+
+    async def listen_cancels(self, on_cancel: Callable[[int], None]) -> None:
+        """Nothing to do: the process that cancels also runs the worker (`Worker.request_cancel`)."""

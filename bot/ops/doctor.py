@@ -2,7 +2,8 @@
 
 Each line is `ok  <what>` or `FAIL <what>: <the fix>`, on stdout. The exit code is 0 when all
 checks pass, 1 when any failed, 2 when the settings cannot even be read. Checks, in order:
-settings; data folder; database; model (loads it the way the bot does: device, dtype, free GPU
+settings; data folder; database (the SQLite file, or PostgreSQL when PONY_DATABASE_URL is set:
+server and schema version, or one line naming why it cannot connect); model (loads it the way the bot does: device, dtype, free GPU
 memory on CUDA); upscaler; metrics port; Discord (token via GET /users/@me, servers, and the
 channel permissions the bot needs). The token is never printed: every line is redacted.
 """
@@ -20,9 +21,10 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import aiosqlite
@@ -134,15 +136,20 @@ AllowedChannels = dict[int, tuple[int, ...]]
 
 async def _allowed_channels(conn: aiosqlite.Connection) -> AllowedChannels:
     """guild id -> the channels `/pony-admin channels allow` restricted the bot to (non-empty only)."""
-    from bot.jobs.guild_settings import GuildSettings
-
     sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'guild_settings'"
     async with conn.execute(sql) as cur:
         if await cur.fetchone() is None:
             return {}
     async with conn.execute("SELECT * FROM guild_settings") as cur:
-        rows = [GuildSettings.from_row(row) async for row in cur]
-    return {row.guild_id: row.allowed_channels for row in rows if row.allowed_channels}
+        return _allowed_from_rows([row async for row in cur])
+
+
+def _allowed_from_rows(rows: Iterable[Mapping[str, Any] | aiosqlite.Row]) -> AllowedChannels:
+    """guild id -> allowed channels, from `guild_settings` rows of either engine (non-empty only)."""
+    from bot.jobs.guild_settings import GuildSettings
+
+    decoded = [GuildSettings.from_row(row) for row in rows]
+    return {row.guild_id: row.allowed_channels for row in decoded if row.allowed_channels}
 
 
 async def check_database(settings: Settings, report: Report) -> AllowedChannels:
@@ -216,6 +223,119 @@ async def check_database(settings: Settings, report: Report) -> AllowedChannels:
     )
     waiting = sum(counts.get(s, 0) for s in ("queued", "running", "generated"))
     report.ok(f"{what}: schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open")
+    return allowed
+
+
+#: how long `ponybot doctor` waits for PostgreSQL to answer
+PG_CONNECT_TIMEOUT_S = 5.0
+
+
+def database_place(url: str) -> str:
+    """Where a database URL points, without its user or password: `host:port/database`."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
+
+
+def url_password(url: str) -> str:
+    """The password in a database URL ("" when none), for the report to redact."""
+    try:
+        return unquote(urlsplit(url).password or "")
+    except ValueError:
+        return ""
+
+
+def postgres_failure(exc: BaseException, url: str) -> str:
+    """One line naming why connecting to PostgreSQL at `url` failed, and the fix."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    parts = urlsplit(url)
+    user = unquote(parts.username or "") or "(none)"
+    database = unquote(parts.path.lstrip("/")) or user
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return f"password authentication failed for user {user}: check the password in PONY_DATABASE_URL"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return (
+            f"database {database} does not exist on {where}: create it"
+            f" (`sudo -u postgres createdb --owner {user} {database}`) or fix PONY_DATABASE_URL"
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"the server refused user {user} ({first_line(exc)}): check the user in PONY_DATABASE_URL and pg_hba.conf"
+    if isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED
+    ):
+        return (
+            f"connection refused at {where}: is PostgreSQL running there, listening on that address"
+            " (listen_addresses) and port?"
+        )
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host {parts.hostname}: check the host in PONY_DATABASE_URL"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} within {PG_CONNECT_TIMEOUT_S:g} s: check the host, the port and the firewall"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{first_line(exc)}: check PONY_DATABASE_URL"
+    return f"cannot connect to {where} ({type(exc).__name__}: {first_line(exc)}): check PONY_DATABASE_URL"
+
+
+async def check_postgres(settings: Settings, report: Report) -> AllowedChannels:
+    """PONY_DATABASE_URL: the server answers, its version, the schema version, the jobs it holds.
+
+    Returns the per-server allowed channels it holds, for the Discord permission check.
+    """
+    import asyncpg
+
+    from bot.jobs.db import MigrationError, available_migrations
+    from bot.jobs.pg_db import MIGRATIONS_PG_DIR, schema_version
+
+    url = settings.database_url or ""
+    what = f"database {database_place(url)}"
+    try:
+        newest = available_migrations(MIGRATIONS_PG_DIR)[-1][0]
+    except (MigrationError, IndexError, OSError) as exc:
+        report.fail(what, f"the PostgreSQL migrations folder is missing or broken ({exc}): reinstall ponybot")
+        return {}
+    try:
+        conn = await asyncpg.connect(
+            url, timeout=PG_CONNECT_TIMEOUT_S, server_settings={"application_name": "ponybot-doctor"}
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        report.fail(what, postgres_failure(exc, url))
+        return {}
+    allowed: AllowedChannels = {}
+    try:
+        server = str(await conn.fetchval("SHOW server_version")).split()[0]
+        version = await schema_version(conn)
+        if version > newest:
+            report.fail(
+                what,
+                f"PostgreSQL {server}, schema {version}, written by a newer ponybot (this one knows {newest}):"
+                " upgrade ponybot, or point PONY_DATABASE_URL at another database",
+            )
+            return {}
+        counts: dict[str, int] = {}
+        if version >= 1:
+            rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+            counts = {row["status"]: int(row["n"]) for row in rows}
+        if await conn.fetchval("SELECT to_regclass('guild_settings') IS NOT NULL"):
+            allowed = _allowed_from_rows(
+                dict(row) for row in await conn.fetch("SELECT * FROM guild_settings")
+            )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        report.fail(what, postgres_failure(exc, url))
+        return {}
+    finally:
+        await conn.close()
+    pending = newest - version
+    state = (
+        "up to date"
+        if pending == 0
+        else f"{pending} migration(s) pending, applied at the next start (or run `ponybot migrate`)"
+    )
+    waiting = sum(counts.get(s, 0) for s in ("queued", "running", "generated"))
+    report.ok(
+        f"{what}: PostgreSQL {server}, schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open"
+    )
     return allowed
 
 
@@ -590,7 +710,10 @@ async def run_checks(settings: Settings, report: Report) -> None:
     """Run every check after the settings, printing one line each."""
     check_settings(settings, report)
     check_data_folder(settings, report)
-    allowed = await check_database(settings, report)
+    if settings.database_url is not None:
+        allowed = await check_postgres(settings, report)
+    else:
+        allowed = await check_database(settings, report)
     generator = await check_model(settings, report)
     await check_upscaler(settings, report, generator)
     await check_metrics(settings, report)
@@ -607,7 +730,7 @@ def main(out: TextIO | None = None) -> int:
         Report(out).fail("settings", f"{exc}; fix it in .env or the environment (see .env.example)")
         return 2
     token = settings.discord_token.get_secret_value() if settings.discord_token else ""
-    report = Report(out, secrets=[token])
+    report = Report(out, secrets=[token, url_password(settings.database_url or "")])
     asyncio.run(run_checks(settings, report))
     if report.failures:
         print(f"{report.failures} check(s) failed.", file=out)

@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-import aiosqlite
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,7 +32,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bot.jobs.models import OPEN_STATUSES, TERMINAL_STATUSES
+from bot.jobs.models import OPEN_STATUSES, TERMINAL_STATUSES, sql_literals
+from bot.jobs.store_db import Source, store_db
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,18 @@ class Metrics:
         for status in QUEUE_STATUSES:
             self.queue_jobs.labels(status=status).set(counts.get(status, 0))
 
-    async def refresh_from_db(self, conn: aiosqlite.Connection) -> dict[str, int]:
-        """Read open-job counts from the jobs table, set the gauge, and return the counts."""
-        marks = ", ".join("?" for _ in QUEUE_STATUSES)
+    async def refresh_from_db(self, conn: Source) -> dict[str, int]:
+        """Read open-job counts from the jobs table, set the gauge, and return the counts.
+
+        `conn`: an SQLite connection, a queue (SQLite or PostgreSQL) or a `StoreDb`.
+        """
         counts = dict.fromkeys(QUEUE_STATUSES, 0)
-        async with conn.execute(
-            f"SELECT status, COUNT(*) FROM jobs WHERE status IN ({marks}) GROUP BY status", QUEUE_STATUSES
-        ) as cur:
-            async for status, count in cur:
-                counts[status] = count
+        rows = await store_db(conn).fetch(
+            f"SELECT status, COUNT(*) AS n FROM jobs WHERE status IN ({sql_literals(OPEN_STATUSES)})"
+            " GROUP BY status"
+        )
+        for row in rows:
+            counts[str(row["status"])] = int(row["n"])
         self.set_queue_depth(counts)
         return counts
 

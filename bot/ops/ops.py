@@ -4,7 +4,8 @@ The composition root (bot.app) builds one `Ops` after the worker it watches and 
 its `worker_heartbeat` and `job_finished` hooks; the Discord client reports the gateway state
 (`gateway`, per shard when it runs several). `run_bot` calls `start()` once everything is built and `stop()` on the way out. `start()` opens a database connection of its own (retention writes in its own
 transactions, so it must not share the queue's), starts the periodic tasks and, when
-`PONY_METRICS_PORT` is set, the `/metrics` + `/healthz` server.
+`PONY_METRICS_PORT` is set, the `/metrics` + `/healthz` server. With a PostgreSQL queue
+(`Ops(..., queue=pg_queue)`) both periodic tasks use the queue's pool instead of a connection.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Any
 import aiosqlite
 
 from bot.config import Settings
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.db import connect
 from bot.jobs.models import Job
+from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.retention import prune, retention_limits
+from bot.jobs.store_db import StoreDb, store_db
 from bot.ops.metrics import OUTCOMES, Health, Metrics, MetricsServer
 from bot.runtime.engine import Engine, EngineState
 from bot.runtime.worker import Worker
@@ -38,15 +42,22 @@ _SEEN_LIMIT = 10_000
 class Ops:
     """Metrics, health and the periodic tasks of one bot process."""
 
-    def __init__(self, settings: Settings, engine: Engine, worker: Worker) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, worker: Worker, *, queue: JobQueueContract | None = None
+    ) -> None:
+        """`queue` picks the database of the refresh and retention: a `PgJobQueue` = its pool;
+        anything else (or None) = a dedicated SQLite connection to `PONY_DB`, opened by `start()`."""
         self.settings = settings
         self.engine = engine
         self.worker = worker
+        self.queue = queue
         self.metrics = Metrics(gpu_memory=self._gpu_bytes)
         self.health = Health(stuck_after_s=self.settings.health_stuck_s)
         self.server: MetricsServer | None = None
-        self.conn: aiosqlite.Connection | None = None
+        self.conn: aiosqlite.Connection | None = None  # the SQLite ops connection (None on PostgreSQL)
+        self.db: StoreDb | None = None  # what refresh and prune read and write, once started
         self._tasks: list[asyncio.Task[None]] = []
+        self._pruning = asyncio.Lock()  # one retention run at a time (its SQLite transaction)
         self._counted: OrderedDict[int, None] = OrderedDict()
         self._shard_count = 1  # gateway shards the client runs (PONY_SHARDS)
         self._shards_up: set[int] = set()
@@ -112,7 +123,11 @@ class Ops:
 
     async def start(self) -> None:
         """Open the ops connection, start the periodic tasks and (if configured) the metrics server."""
-        self.conn = await connect(self.settings.db_path, busy_timeout_ms=self.settings.db_busy_timeout_ms)
+        if isinstance(self.queue, PgJobQueue):
+            self.db = store_db(self.queue)
+        else:
+            self.conn = await connect(self.settings.db_path, busy_timeout_ms=self.settings.db_busy_timeout_ms)
+            self.db = store_db(self.conn)
         self._spawn(self._every(REFRESH_S, self.refresh), "ponybot-metrics-refresh")
         self._spawn(self._every(self.settings.retention_every_min * 60.0, self.prune), "ponybot-retention")
         if self.settings.metrics_port is not None:
@@ -138,7 +153,7 @@ class Ops:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.db = self.conn, None, None
         if conn is not None:
             await conn.close()
 
@@ -146,19 +161,20 @@ class Ops:
 
     async def refresh(self) -> None:
         """Read the open-job counts into the queue gauge and health."""
-        if self.conn is None:
+        if self.db is None:
             return
-        counts = await self.metrics.refresh_from_db(self.conn)
+        counts = await self.metrics.refresh_from_db(self.db)
         self.health.set_queue_depth(counts)
 
     async def prune(self) -> None:
         """Apply the retention limits once (PONY_RETENTION_DAYS, PONY_RETENTION_MAX_GB)."""
-        if self.conn is None:
+        if self.db is None:
             return
         max_age_s, max_bytes = retention_limits(self.settings.retention_days, self.settings.retention_max_gb)
-        await prune(
-            self.conn, self.settings.images_dir, max_age_s=max_age_s, max_bytes=max_bytes, now=time.time()
-        )
+        async with self._pruning:  # the periodic run and a direct call never overlap
+            await prune(
+                self.db, self.settings.images_dir, max_age_s=max_age_s, max_bytes=max_bytes, now=time.time()
+            )
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))

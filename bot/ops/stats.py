@@ -1,7 +1,8 @@
 """Usage statistics read straight from the jobs table, a 24-hour chart, and Discord-ready text.
 
-Discord-free: every function takes an `aiosqlite.Connection` (or plain data) and the current time,
-so tests pin `now`. Definitions (all windows are `[now - window, now]`):
+Discord-free: every function takes the database (an SQLite connection, or a queue on either
+engine: `bot.jobs.store_db`; the SQL is the same on both) or plain data, and the current time, so
+tests pin `now`. Definitions (all windows are `[now - window, now]`):
 
 * jobs in a window: rows whose `created_at` falls in it, whatever their status;
 * images in a window: result files of `done` jobs whose `finished_at` falls in it (the length of
@@ -16,12 +17,12 @@ so tests pin `now`. Definitions (all windows are `[now - window, now]`):
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import aiosqlite
 import matplotlib
 
 matplotlib.use("Agg")  # headless; set before anything could import pyplot
@@ -31,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bot.jobs.models import TERMINAL_STATUSES
+from bot.jobs.store_db import Source, store_db
 from bot.policy.text import escape_for_discord, format_duration
 
 DAY_S = 86400.0
@@ -80,78 +82,90 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 # Window filter shared by the queries over jobs created in the last 7 days.
 _CREATED_IN = "created_at >= :week AND created_at <= :now"
-_LIST_LEN = "CASE WHEN json_valid({col}) AND json_type({col}) = 'array' THEN json_array_length({col}) END"
 
 
-async def _all(conn: aiosqlite.Connection, sql: str, params: dict[str, float]) -> list:
-    async with conn.execute(sql, params) as cur:
-        return list(await cur.fetchall())
+def _list_len(text: str | None) -> int | None:
+    """The length of the JSON array in `text`; None when it is no valid JSON array."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except (TypeError, ValueError):
+        return None
+    return len(value) if isinstance(value, list) else None
 
 
-async def compute_stats(conn: aiosqlite.Connection, *, now: float) -> Stats:
-    """Compute `Stats` over the jobs table as of `now` (epoch seconds)."""
+def _count(flag: str) -> str:
+    """SQL counting the rows where `flag` holds (the same on SQLite and PostgreSQL)."""
+    return f"COALESCE(SUM(CASE WHEN {flag} THEN 1 ELSE 0 END), 0)"
+
+
+async def compute_stats(conn: Source, *, now: float) -> Stats:
+    """Compute `Stats` over the jobs table as of `now` (epoch seconds).
+
+    `conn`: an SQLite connection, a queue (SQLite or PostgreSQL) or a `StoreDb`.
+    """
+    db = store_db(conn)
     args = {"now": now, "day": now - DAY_S, "week": now - WEEK_S}
-    outcome_sums = ", ".join(f"COALESCE(SUM(status = '{o}'), 0)" for o in OUTCOMES)
-    (jobs_7d, jobs_24h, *outcome_counts), *_ = await _all(
-        conn,
-        f"SELECT COUNT(*), COALESCE(SUM(created_at >= :day), 0), {outcome_sums} FROM jobs WHERE {_CREATED_IN}",
+    outcome_sums = ", ".join(_count(f"status = '{o}'") + f" AS n_{o}" for o in OUTCOMES)
+    (totals,) = await db.fetch(
+        f"SELECT COUNT(*) AS jobs_7d, {_count('created_at >= :day')} AS jobs_24h, {outcome_sums}"
+        f" FROM jobs WHERE {_CREATED_IN}",
         args,
     )
     waits = [
-        row[0]
-        for row in await _all(
-            conn,
-            f"SELECT started_at - created_at FROM jobs WHERE {_CREATED_IN}"
+        float(row["wait"])
+        for row in await db.fetch(
+            f"SELECT started_at - created_at AS wait FROM jobs WHERE {_CREATED_IN}"
             " AND started_at IS NOT NULL AND started_at >= created_at",
             args,
         )
     ]
     runs = [
-        row[0]
-        for row in await _all(
-            conn,
+        float(row["run"])
+        for row in await db.fetch(
             "SELECT run FROM (SELECT CASE WHEN started_at IS NOT NULL AND generated_at IS NOT NULL"
             " THEN generated_at - started_at ELSE gen_seconds END AS run"
-            f" FROM jobs WHERE {_CREATED_IN}) WHERE run IS NOT NULL AND run >= 0",
+            f" FROM jobs WHERE {_CREATED_IN}) AS t WHERE run IS NOT NULL AND run >= 0",
             args,
         )
     ]
-    top = [
-        (str(name), int(count))
-        for name, count in await _all(
-            conn,
-            "SELECT sampler, COUNT(*) AS n FROM (SELECT CASE WHEN json_valid(params)"
-            " THEN json_extract(params, '$.sampler') END AS sampler"
-            f" FROM jobs WHERE {_CREATED_IN}) WHERE typeof(sampler) = 'text' AND sampler <> ''"
-            f" GROUP BY sampler ORDER BY n DESC, sampler LIMIT {TOP_SAMPLERS}",
-            args,
-        )
-    ]
-    images = _LIST_LEN.format(col="result_files")
-    seeds = _LIST_LEN.format(col="seeds")
-    (images_7d, images_24h), *_ = await _all(
-        conn,
-        "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(CASE WHEN finished_at >= :day THEN n END), 0) FROM"
-        f" (SELECT finished_at, COALESCE({images}, {seeds}, 0) AS n FROM jobs"
-        " WHERE status = 'done' AND finished_at >= :week AND finished_at <= :now)",
+    sampler = db.dialect.text_at("params", "sampler")
+    samplers = await db.fetch(
+        f"SELECT sampler, COUNT(*) AS n FROM (SELECT {sampler} AS sampler FROM jobs WHERE {_CREATED_IN})"
+        " AS t WHERE sampler IS NOT NULL AND sampler <> '' GROUP BY sampler",
         args,
     )
+    # ties by name in code point order on both engines (a PostgreSQL collation may order otherwise)
+    ranked = sorted(
+        ((str(r["sampler"]), int(r["n"])) for r in samplers), key=lambda item: (-item[1], item[0])
+    )
+    images_7d = images_24h = 0
+    for row in await db.fetch(
+        "SELECT finished_at, result_files, seeds FROM jobs"
+        " WHERE status = 'done' AND finished_at >= :week AND finished_at <= :now",
+        args,
+    ):
+        count = _list_len(row["result_files"])
+        if count is None:
+            count = _list_len(row["seeds"]) or 0
+        images_7d += count
+        if row["finished_at"] >= args["day"]:
+            images_24h += count
     return Stats(
         now=now,
-        jobs_24h=int(jobs_24h),
-        jobs_7d=int(jobs_7d),
-        images_24h=int(images_24h),
-        images_7d=int(images_7d),
+        jobs_24h=int(totals["jobs_24h"]),
+        jobs_7d=int(totals["jobs_7d"]),
+        images_24h=images_24h,
+        images_7d=images_7d,
         wait_median_s=percentile(waits, 0.5),
         wait_p95_s=percentile(waits, 0.95),
         run_median_s=percentile(runs, 0.5),
         run_p95_s=percentile(runs, 0.95),
-        top_samplers=top,
-        outcomes={o: int(c) for o, c in zip(OUTCOMES, outcome_counts, strict=True)},
+        top_samplers=ranked[:TOP_SAMPLERS],
+        outcomes={o: int(totals[f"n_{o}"]) for o in OUTCOMES},
     )
 
 
-async def hourly_series(conn: aiosqlite.Connection, *, now: float, hours: int = 24) -> HourlySeries:
+async def hourly_series(conn: Source, *, now: float, hours: int = 24) -> HourlySeries:
     """Jobs created per UTC hour and their median wait, for the last `hours` hours.
 
     The last bucket is the current (partial) hour; jobs created after `now` are left out.
@@ -160,12 +174,12 @@ async def hourly_series(conn: aiosqlite.Connection, *, now: float, hours: int = 
     starts = [current - (hours - 1 - i) * HOUR_S for i in range(hours)]
     counts = [0] * hours
     waits: list[list[float]] = [[] for _ in range(hours)]
-    rows = await _all(
-        conn,
+    rows = await store_db(conn).fetch(
         "SELECT created_at, started_at FROM jobs WHERE created_at >= :start AND created_at <= :now",
         {"start": starts[0], "now": now},
     )
-    for created, started in rows:
+    for row in rows:
+        created, started = row["created_at"], row["started_at"]
         index = min(int((created - starts[0]) // HOUR_S), hours - 1)
         counts[index] += 1
         if started is not None and started >= created:

@@ -21,9 +21,9 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.db import RETRY_DELAYS, retrying
 from bot.jobs.models import TERMINAL_STATUSES, Job, JobStatus
-from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 from bot.runtime.images import save_results
 from generator.errors import GeneratorError
@@ -86,7 +86,7 @@ class PostProcess:
 
     def __init__(
         self,
-        queue: JobQueue,
+        queue: JobQueueContract,
         delivery: Deliverer,
         *,
         images_dir: Path,

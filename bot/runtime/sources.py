@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -23,6 +25,12 @@ from generator.errors import GeneratorError
 
 #: the folder under the images folder that holds members' uploads
 UPLOADS_DIR = "uploads"
+
+
+class SharedFiles(Protocol):
+    """Where files saved on another machine are fetched from (the job queue: `ensure_files`)."""
+
+    async def ensure_files(self, names: Sequence[str]) -> list[str]: ...
 
 
 @dataclass
@@ -69,13 +77,21 @@ def source_path(images_dir: Path, job: Job) -> Path | None:
 
 
 async def load_source(
-    images_dir: Path, job: Job, screen: Screen | None, executor: Executor | None = None
+    images_dir: Path,
+    job: Job,
+    screen: Screen | None,
+    executor: Executor | None = None,
+    *,
+    files: SharedFiles | None = None,
 ) -> Image.Image:
     """The worker's source for an uploaded-image job: read, then screened by the image filter.
 
-    Raises GeneratorError when the file is gone or the filter hid it (nothing is drawn from it).
+    With `files`, an upload saved on another machine is fetched first (`ensure_files`). Raises
+    GeneratorError when the file is gone or the filter hid it (nothing is drawn from it).
     """
     path = source_path(images_dir, job)
+    if path is not None and files is not None:
+        await files.ensure_files([path.relative_to(images_dir).as_posix()])
     if path is None or not path.exists():
         raise GeneratorError("The uploaded image is no longer kept; upload it again.")
     loop = asyncio.get_running_loop()

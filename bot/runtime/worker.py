@@ -7,6 +7,12 @@ is awaited between two generations: the "generating" status edit, failure and ca
 encodes and uploads all run in background tasks. When the running generation reports its last step, the next
 batch is claimed ahead (`_claim_ahead`), so the GPU thread gets it the moment it is free; the
 fair pick is thus made at most one VAE decode early.
+
+Several workers may drain one PostgreSQL queue (`ponybot worker` processes on other machines): a
+worker registers its id with the queue on start (a live connection named after it), listens for
+cancels made by other processes, and puts back about every second the running jobs of workers
+that are no longer live (`requeue_orphaned`). When its own registration is lost, it takes a fresh
+id and registers again; its late writes under the old id are refused by the queue.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.db import retrying
 from bot.jobs.extras import hires_of
 from bot.jobs.models import Job, JobKind
-from bot.jobs.queue import JobQueue
 from bot.logging_setup import log_job_event
 from bot.runtime.engine import Engine, EngineState
 from bot.runtime.postprocess import Deliverer, PostProcess, Screen, safe
@@ -59,6 +65,8 @@ class WorkerState(enum.StrEnum):
     WAITING_FOR_MODEL = "waiting for model"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    #: this process runs no worker (`ponybot run --no-worker`): `ponybot worker` processes run the jobs
+    ELSEWHERE = "none in this process (ponybot worker runs the jobs)"
 
 
 class JobTimeout(GeneratorError):
@@ -98,8 +106,8 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 
 def new_worker_id() -> str:
-    """A worker id unique to this process run."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A worker id unique to this process run (at most 63 characters: a PostgreSQL application_name)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class Worker:
@@ -107,7 +115,7 @@ class Worker:
 
     def __init__(
         self,
-        queue: JobQueue,
+        queue: JobQueueContract,
         engine: Engine,
         delivery: Deliverer,
         *,
@@ -119,6 +127,7 @@ class Worker:
         heartbeat: Callable[[], None] | None = None,
         on_finished: Callable[[Job], Awaitable[None] | None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        worker_id: str | None = None,
     ):
         self.queue = queue
         self.engine = engine
@@ -130,7 +139,10 @@ class Worker:
         self.cancel_grace_s = 10.0
         self.lease_s = lease_s
         self.poll_s = poll_s
-        self.worker_id = new_worker_id()
+        #: seconds between two `requeue_orphaned` sweeps (jobs of workers that are no longer live)
+        self.orphan_every_s = 1.0
+        self.worker_id = worker_id or new_worker_id()
+        self._registration_lost = False
         self._paused = False
         self.heartbeat = heartbeat or (lambda: None)
         #: called once when the worker cannot go on in this process (a hung GPU thread)
@@ -199,8 +211,13 @@ class Worker:
         self._paused = False
         self.wake()
 
+    def stay_elsewhere(self) -> None:
+        """This process runs no worker (`ponybot run --no-worker`): never started, it claims nothing;
+        `request_cancel` and `wake` do nothing, and status shows `WorkerState.ELSEWHERE`."""
+        self.state = WorkerState.ELSEWHERE
+
     def start(self) -> None:
-        """Recover left-over jobs and start draining the queue."""
+        """Register with the queue, recover left-over jobs and start draining the queue."""
         self._main = asyncio.get_running_loop().create_task(self._run(), name="ponybot-worker")
         self._lease_task = asyncio.get_running_loop().create_task(self._keep_leases(), name="ponybot-leases")
         self._main.add_done_callback(self._ended)
@@ -248,17 +265,25 @@ class Worker:
             await safe(self.queue.release(job_id, self.worker_id))
         if self._lease_task is not None:
             self._lease_task.cancel()
+        if self._main is not None:
+            await safe(self.queue.unregister_worker(self.worker_id))
         self._io.shutdown(wait=False)
         self.state = WorkerState.STOPPED
 
     # --- main loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        await self._register()
         await self._recover()
-        last_sweep = 0.0
+        last_sweep = last_orphans = 0.0
         while not self._stopping:
             self.heartbeat()
             try:
+                if self._registration_lost:
+                    await self._register_again()
+                if time.monotonic() - last_orphans >= self.orphan_every_s:
+                    last_orphans = time.monotonic()
+                    await self._requeue_orphaned()
                 if time.monotonic() - last_sweep > self.lease_s / 4:
                     last_sweep = time.monotonic()
                     await self._sweep()
@@ -268,6 +293,47 @@ class Worker:
                 await self._idle()
         await safe(self._release_ahead())
         self.state = WorkerState.STOPPING
+
+    async def _register(self) -> None:
+        """Register `worker_id` as a live worker and listen for cancels made by other processes;
+        retried until the database answers."""
+        while not self._stopping:
+            try:
+                await self.queue.register_worker(self.worker_id, on_lost=self._lost)
+                await self.queue.listen_cancels(self.request_cancel)
+            except Exception:
+                log.exception("registering worker %s failed; trying again", self.worker_id)
+                await self._idle()
+                continue
+            log.info("worker registered", extra={"worker_id": self.worker_id})
+            return
+
+    def _lost(self) -> None:
+        """The queue lost this worker's registration (its connection died): the loop re-registers."""
+        log.warning("worker %s is no longer registered; registering a fresh id", self.worker_id)
+        self._registration_lost = True
+        self.wake()
+
+    async def _register_again(self) -> None:
+        """After a lost registration: drop the jobs held under the old id (another live worker, or
+        this one, requeues them; late writes under the old id are refused), take a fresh id and
+        register it."""
+        self._registration_lost = False
+        for running in list(self._running.values()):
+            running.cancel.set()  # its result could not be recorded any more: free the GPU
+        self._held.clear()
+        await safe(self.queue.unregister_worker(self.worker_id))
+        self.worker_id = new_worker_id()
+        self.post.worker_id = self.worker_id
+        await self._register()
+
+    async def _requeue_orphaned(self) -> None:
+        """Running jobs of workers that are no longer live go back to the queue."""
+        requeued = await safe(self.queue.requeue_orphaned())
+        if requeued:
+            log.info("requeued jobs of workers that are gone: %s", requeued)
+            await safe(self.post.sweep_notices())  # an orphan whose cancel was requested ended cancelled
+            self.wake()
 
     async def _recover(self) -> None:
         """Put back what a previous process left running; retried until the database answers."""
@@ -549,7 +615,7 @@ class Worker:
         """The parent's image for upscale/variation (see `_image_of`), or the member's upload
         (`params["source"]`, screened by the image filter)."""
         if job.parent_id is None and job.params.get("source"):
-            return await load_source(self.images_dir, job, self.post.screen, self._io)
+            return await load_source(self.images_dir, job, self.post.screen, self._io, files=self.queue)
         parent = await self.queue.get(job.parent_id) if job.parent_id else None
         if parent is None:
             raise GeneratorError("The original image no longer exists.")
@@ -565,7 +631,9 @@ class Worker:
         from PIL import Image
 
         if index < len(job.result_files):
-            path = self.images_dir / job.result_files[index]
+            name = job.result_files[index]
+            await safe(self.queue.ensure_files([name]))  # another machine's result: fetched from the queue
+            path = self.images_dir / name
             if path.exists():
                 return await asyncio.get_running_loop().run_in_executor(
                     self._io, lambda: Image.open(path).convert("RGB")
@@ -580,7 +648,7 @@ class Worker:
             call = self._txt2img_call(job, params.single(index), **kwargs)
         else:
             if job.parent_id is None and job.params.get("source"):  # a member's upload
-                source = await load_source(self.images_dir, job, self.post.screen, self._io)
+                source = await load_source(self.images_dir, job, self.post.screen, self._io, files=self.queue)
             else:
                 parent = await self.queue.get(job.parent_id) if job.parent_id else None
                 if parent is None:

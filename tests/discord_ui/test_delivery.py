@@ -524,3 +524,71 @@ async def test_notify_ignores_jobs_that_owe_no_notice(
     assert await delivery.notify(generated) is True
     assert channel.sends == [] and channel.messages == {}
     assert (await reload(queue, waiting.id)).notified_at is None
+
+
+# --- several processes on one queue ---------------------------------------------------------------
+
+
+async def running_job_with_status(delivery: Delivery, queue: JobQueue) -> Job:
+    """A job with its status message posted, claimed and begun by WORKER (status running)."""
+    job = await queued_job(queue, count=1)
+    await delivery.post_status(job, 1, 1)
+    assert await queue.claim(WORKER) is not None
+    return await reload(queue, job.id)
+
+
+async def test_progress_edits_in_one_channel_are_paced_across_jobs(
+    delivery: Delivery, queue: JobQueue, channel: FakeChannel
+) -> None:
+    first = await running_job_with_status(delivery, queue)
+    second = await running_job_with_status(delivery, queue)
+    delivery.progress(first, 1, 3)
+    await delivery._progress_tasks[first.id]
+    delivery.progress(second, 1, 3)  # the same channel, within progress_every_s of the first edit
+    await delivery._progress_tasks[second.id]
+    edited = {m.id: m.edits for m in channel.messages.values()}
+    assert edited == {first.status_message_id: 1, second.status_message_id: 0}
+    shown = channel.messages[first.status_message_id]  # type: ignore[index]
+    assert any("step 1 of 3" in str(f.value) for f in shown.embeds[0].fields)
+
+
+@pytest.fixture
+async def pg_queues(pg_url: str, tmp_path: Path) -> AsyncIterator[tuple[Any, Any]]:
+    """Two processes' PostgreSQL queues on one database, each with its own images folder."""
+    from bot.jobs.pg_queue import PgJobQueue
+
+    opened = []
+    for name in ("machine-a", "machine-b"):
+        (tmp_path / name).mkdir()
+        opened.append(await PgJobQueue.open(pg_url, QueueLimits(), images_dir=tmp_path / name))
+    yield opened[0], opened[1]
+    for q in opened:
+        await q.close()
+
+
+@pytest.mark.postgres
+async def test_a_result_saved_on_another_machine_is_fetched_and_delivered(
+    pg_queues: tuple[Any, Any], client: FakeClient, channel: FakeChannel, tmp_path: Path
+) -> None:
+    here, there = pg_queues
+    job = await generated_job(there, tmp_path / "machine-b", count=2)
+    delivery = Delivery(client, here, tmp_path / "machine-a")  # type: ignore[arg-type]
+    await delivery.deliver(job)
+    (posted,) = channel.messages.values()
+    assert sorted(posted.files) == [f"ponybot-{job.id}-1.png", f"ponybot-{job.id}-2.png"]
+    assert Image.open(io.BytesIO(posted.files[f"ponybot-{job.id}-2.png"])).getpixel((0, 0)) == (80, 90, 200)
+    assert (tmp_path / "machine-a" / job.result_files[0]).exists(), "fetched into this machine's folder"
+    assert (await reload(here, job.id)).status is JobStatus.DONE
+
+
+@pytest.mark.postgres
+async def test_a_delivery_held_by_another_process_is_left_to_it(
+    pg_queues: tuple[Any, Any], client: FakeClient, channel: FakeChannel, tmp_path: Path
+) -> None:
+    here, there = pg_queues
+    job = await generated_job(here, tmp_path / "machine-a", count=1)
+    assert await there.claim_delivery(job.id, "the-other-process")
+    delivery = Delivery(client, here, tmp_path / "machine-a", owner="this-process")  # type: ignore[arg-type]
+    await delivery.deliver(job)
+    assert channel.sends == [] and channel.messages == {}
+    assert (await reload(here, job.id)).status is JobStatus.GENERATED

@@ -120,7 +120,11 @@ True}`` for a global limit), a ``Via`` header and X-RateLimit headers so discord
 ``apply=True`` lets the request take effect before the error is returned, like a lost response);
 ``slow_next(method, path_regex, seconds, *, times=1)``; ``await delete_channel(channel_id)``
 (CHANNEL_DELETE, then REST 404 Unknown Channel); ``await delete_message_externally(message_id)``
-(MESSAGE_DELETE).
+(MESSAGE_DELETE). ``hold_uploads(channel_id)`` makes every request to that channel that carries a
+PNG attachment (a result upload) wait, before it takes effect, until ``release_uploads(channel_id)``
+(or ``stop()``); each held request is appended to ``held_uploads``. A held upload whose client went
+away meanwhile (its process was killed) never takes effect, as Discord drops an upload whose
+connection broke: it is appended to ``dropped_uploads`` (status 499).
 """
 
 from __future__ import annotations
@@ -788,6 +792,9 @@ class FakeDiscord:
         self._faults: list[_Fault] = []
         self._sessions: dict[int, _Session] = {}  # shard id -> its gateway session
         self._held_shards: dict[int, asyncio.Event] = {}
+        self._held_upload_channels: dict[int, asyncio.Event] = {}
+        self.held_uploads: list[RecordedRequest] = []
+        self.dropped_uploads: list[RecordedRequest] = []
         self._sockets: dict[web.WebSocketResponse, web.Request] = {}
         self._send_lock = asyncio.Lock()
         self._cond = asyncio.Condition()
@@ -815,6 +822,8 @@ class FakeDiscord:
 
     async def stop(self) -> None:
         """Close every gateway socket and stop serving."""
+        for gate in self._held_upload_channels.values():
+            gate.set()
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"server stopping")
@@ -1304,6 +1313,33 @@ class FakeDiscord:
                 headers["X-RateLimit-Global"] = "true"
         return self._json(body, status, headers)
 
+    def hold_uploads(self, channel_id: int) -> None:
+        """Hold every PNG upload to this channel until ``release_uploads`` (see the module docstring)."""
+        self._held_upload_channels[channel_id] = asyncio.Event()
+
+    def release_uploads(self, channel_id: int) -> None:
+        """Let the held uploads to this channel (and later ones) go on."""
+        gate = self._held_upload_channels.pop(channel_id, None)
+        if gate is not None:
+            gate.set()
+
+    def _upload_gate(self, path: str, files: list[FakeAttachment]) -> asyncio.Event | None:
+        match = re.match(r"/channels/(\d+)/", path)
+        if match is None or not any(f.filename.endswith(".png") for f in files):
+            return None
+        return self._held_upload_channels.get(int(match.group(1)))
+
+    async def _held(self, request: web.Request, record: RecordedRequest, gate: asyncio.Event) -> bool:
+        """Wait at a held upload; False when its client went away meanwhile (never takes effect)."""
+        self.held_uploads.append(record)
+        await self._notify()
+        await gate.wait()
+        if request.transport is None or request.transport.is_closing():
+            self.dropped_uploads.append(record)
+            await self._notify()
+            return False
+        return True
+
     async def delete_channel(self, channel_id: int) -> None:
         """Delete a channel: CHANNEL_DELETE, then REST answers 404 Unknown Channel."""
         channel = self.channels[channel_id]
@@ -1716,6 +1752,10 @@ class FakeDiscord:
             self._check_spec(
                 request.method, sub, body, multipart=request.content_type.startswith("multipart/")
             )
+            gate = self._upload_gate(sub, record.files)
+            if gate is not None and not await self._held(request, record, gate):
+                record.status = 499  # client closed the connection: nobody reads an answer
+                return web.Response(status=499)
             response = await self._route(
                 request, sub, _Request(request.method, sub, dict(request.query), body, files)
             )

@@ -57,3 +57,19 @@ def test_slot_free_seconds() -> None:
     assert slot_free_seconds([], 50, NOW, 0.1) == pytest.approx(5.0)  # nothing running: the next job
     assert slot_free_seconds([], None, NOW, 0.1) == MIN_RETRY_S  # nothing at all: never below 1 s
     assert slot_free_seconds([RunningWork(cost=1, started_at=NOW - 9)], None, NOW, 0.1) == MIN_RETRY_S
+
+
+def test_live_workers_share_the_work_ahead_but_not_the_jobs_own() -> None:
+    place = QueuePlace(ahead=4, ahead_cost=40, own_cost=10)
+    running = [RunningWork(cost=20, started_at=NOW)]
+    # (40 * 0.1 + 2.0) / 2 + 10 * 0.1
+    assert queued_eta(place, running, NOW, 0.1, workers=2) == pytest.approx(4.0)
+    assert queued_eta(place, running, NOW, 0.1, workers=1) == pytest.approx(7.0)
+    assert queued_eta(place, running, NOW, 0.1, workers=0) == queued_eta(place, running, NOW, 0.1)
+
+
+def test_slot_free_seconds_over_several_workers() -> None:
+    assert slot_free_seconds([], 50, NOW, 0.1, workers=2) == pytest.approx(2.5)
+    assert slot_free_seconds([], 50, NOW, 0.1, workers=10) == MIN_RETRY_S
+    running = [RunningWork(cost=100, started_at=NOW - 2)]
+    assert slot_free_seconds(running, 50, NOW, 0.1, workers=2) == pytest.approx(8.0), "soonest running job"

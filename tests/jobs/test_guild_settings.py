@@ -1,12 +1,15 @@
-"""bot.jobs.guild_settings: per-guild overrides and bans over the queue's connection."""
+"""bot.jobs.guild_settings: per-guild overrides and bans, on SQLite and on PostgreSQL (`backend`)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+from engine_queue import Queue, open_queue, rows
 
 from bot.jobs.guild_settings import GuildSettings, GuildSettingsStore
 from bot.jobs.models import QueueFull, QueueLimits
@@ -18,15 +21,12 @@ CH2 = 1_000_000_000_000_000_111
 
 
 @pytest.fixture
-async def queue(tmp_path: Path) -> AsyncIterator[JobQueue]:
-    q = await JobQueue.open(tmp_path / "jobs.sqlite3", QueueLimits(cooldown_s=0))
-    try:
+async def queue(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Queue]:
+    async with open_queue(backend, request, tmp_path) as q:
         yield q
-    finally:
-        await q.close()
 
 
-async def test_defaults_then_values_and_resets(queue: JobQueue) -> None:
+async def test_defaults_then_values_and_resets(queue: Queue) -> None:
     store = GuildSettingsStore(queue, clock=lambda: 50.0)
     assert await store.get(G) == GuildSettings(G)
     saved = await store.set_values(G, 5, {"default_steps": 12, "default_negative": ""})
@@ -42,7 +42,7 @@ async def test_defaults_then_values_and_resets(queue: JobQueue) -> None:
     assert await store.get(G + 1) == GuildSettings(G + 1)
 
 
-async def test_list_columns_dedupe_and_remove(queue: JobQueue) -> None:
+async def test_list_columns_dedupe_and_remove(queue: Queue) -> None:
     store = GuildSettingsStore(queue)
     await store.allow_channel(G, 1, CH1)
     await store.allow_channel(G, 1, CH1)
@@ -59,7 +59,7 @@ async def test_list_columns_dedupe_and_remove(queue: JobQueue) -> None:
     assert (await store.get(G)).allowed_channels == (CH2,)
 
 
-async def test_bans(queue: JobQueue) -> None:
+async def test_bans(queue: Queue) -> None:
     store = GuildSettingsStore(queue)
     assert await store.ban(G, 7, 1, "spam")
     assert not await store.ban(G, 7, 2, "again")
@@ -72,6 +72,7 @@ async def test_bans(queue: JobQueue) -> None:
     assert await store.ban_of(G, 7) is None
 
 
+@pytest.mark.sqlite_only("reads the SQLite connection's transaction state")
 async def test_writes_never_land_inside_a_queue_transaction(queue: JobQueue) -> None:
     """A settings write racing queue reads (which end by rolling back their snapshot) is kept."""
     store = GuildSettingsStore(queue)
@@ -85,7 +86,7 @@ async def test_writes_never_land_inside_a_queue_transaction(queue: JobQueue) -> 
     assert not queue.connection.in_transaction
 
 
-async def test_enqueue_takes_a_guilds_limits(queue: JobQueue) -> None:
+async def test_enqueue_takes_a_guilds_limits(queue: Queue) -> None:
     tight = QueueLimits(max_open_per_user=1, cooldown_s=0)
     await queue.enqueue(kind="txt2img", params={"prompt": "p"}, channel_id=CH1, user_id=1, limits=tight)
     with pytest.raises(QueueFull) as info:
@@ -98,3 +99,21 @@ async def test_enqueue_takes_a_guilds_limits(queue: JobQueue) -> None:
         await queue.enqueue(kind="txt2img", params={"prompt": "p"}, channel_id=CH1, user_id=2, limits=slow)
     assert info.value.kind == "cooldown" and info.value.retry_after is not None
     assert info.value.reason.startswith("Slow down: try again in ")
+
+
+async def test_rows_in_the_database_are_what_the_admin_set(queue: Queue) -> None:
+    """The stored row (as `ponybot doctor` and a second process read it): JSON lists, exact ids."""
+    store = GuildSettingsStore(queue, clock=lambda: 70.0)
+    await store.allow_channel(G, 9, CH1)
+    await store.allow_channel(G, 9, CH2)
+    await store.add_blocked_term(G, 9, 'it\'s "quoted"')
+    await store.set_values(G, 9, {"max_steps": 30, "cooldown_s": 2})
+    (row,) = await rows(queue, "SELECT * FROM guild_settings WHERE guild_id = :g", {"g": G})
+    assert json.loads(row["allowed_channels"]) == [CH1, CH2]
+    assert json.loads(row["blocked_terms"]) == ['it\'s "quoted"']
+    assert (row["max_steps"], row["cooldown_s"], row["updated_at"], row["updated_by"]) == (30, 2.0, 70.0, 9)
+    other = GuildSettingsStore(queue)  # a second store (another process) sees the same
+    assert (await other.get(G)).allowed_channels == (CH1, CH2)
+    assert (await other.disallow_channel(G, 9, CH2)).allowed_channels == (CH1,)
+    assert (await other.disallow_channel(G, 9, CH1)).allowed_channels == ()
+    assert await store.ban(G, 7, 9, "spam") and [b.reason for b in await other.bans(G)] == ["spam"]

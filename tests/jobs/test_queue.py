@@ -74,9 +74,9 @@ async def make_queue(
     async def make(limits: QueueLimits = LOOSE, name: str = "jobs.sqlite3") -> Queue:
         q: Queue
         if backend == "postgres":
-            q = await PgJobQueue.open(url, limits, clock=clock)
+            q = await PgJobQueue.open(url, limits, clock=clock, images_dir=tmp_path / "images")
         else:
-            q = await JobQueue.open(tmp_path / name, limits, clock=clock)
+            q = await JobQueue.open(tmp_path / name, limits, clock=clock, images_dir=tmp_path / "images")
         opened.append(q)
         return q
 
@@ -912,3 +912,55 @@ async def test_jobs_with_different_lora_sets_do_not_share_a_batch(q: Queue) -> N
     assert [j.id for j in await q.claim_batch("w", 4)] == [a.id, c.id]
     assert [j.id for j in await q.claim_batch("w", 4)] == [b.id]
     assert [j.id for j in await q.claim_batch("w", 4)] == [plain.id]
+
+
+# --- the several-machines methods: what both backends answer alike ------------------------------
+
+
+async def test_ensure_files_reports_the_names_found_nowhere(q: Queue, tmp_path: Path) -> None:
+    (tmp_path / "images" / "3").mkdir(parents=True)
+    (tmp_path / "images" / "3" / "0.png").write_bytes(b"png")
+    assert await q.ensure_files(["3/0.png", "3/1.png", "uploads/9.png"]) == ["3/1.png", "uploads/9.png"]
+    assert await q.ensure_files(["3/0.png"]) == []
+    assert await q.ensure_files(["../jobs.sqlite3"]) == ["../jobs.sqlite3"], "never outside the folder"
+
+
+async def test_claim_delivery_only_for_a_generated_job(q: Queue) -> None:
+    job = await add(q)
+    assert not await q.claim_delivery(job.id, "gateway"), "queued"
+    assert (await q.claim("w")) is not None
+    assert not await q.claim_delivery(job.id, "gateway"), "running"
+    assert await q.mark_generated(job.id, "w", [], [1], 1.0)
+    assert await q.claim_delivery(job.id, "gateway")
+    assert await q.claim_delivery(job.id, "gateway"), "the same owner again"
+    assert await q.mark_done(job.id, 77)
+    assert not await q.claim_delivery(job.id, "gateway"), "done"
+    assert not await q.claim_delivery(999_999, "gateway"), "no such job"
+
+
+async def test_progress_slot_paces_each_channel(q: Queue, clock: FakeClock) -> None:
+    assert await q.progress_slot(5, 2.0)
+    assert not await q.progress_slot(5, 2.0)
+    assert await q.progress_slot(6, 2.0), "each channel on its own"
+    clock.advance(1.9)
+    assert not await q.progress_slot(5, 2.0)
+    clock.advance(0.1)
+    assert await q.progress_slot(5, 2.0)
+
+
+async def test_without_registered_workers_there_is_one_live_worker(q: Queue) -> None:
+    assert await q.live_workers() == 1
+
+
+@pytest.mark.sqlite_only("SQLite has no liveness: its no-op registration and orphan sweep")
+async def test_sqlite_registration_is_a_no_op_and_orphans_wait_for_their_lease(q: Queue) -> None:
+    job = await add(q)
+    assert (await q.claim("gone")) is not None
+    await q.register_worker("here", on_lost=lambda: None)
+    await q.listen_cancels(lambda job_id: None)
+    await q.share_files(["never/written.png"])
+    assert await q.live_workers() == 1
+    assert await q.requeue_orphaned() == []
+    await q.unregister_worker("here")
+    running = await q.get(job.id)
+    assert running is not None and running.status is JobStatus.RUNNING

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
-import aiosqlite
 import pytest
+from engine_queue import insert_job, open_database, rows
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.jobs.store_db import Source
 from bot.ops.metrics import Health, Metrics, MetricsServer
 
 NOW = 1_750_000_000.0
 
 
-async def add_jobs(conn: aiosqlite.Connection, status: str, n: int) -> None:
+@pytest.fixture
+async def conn(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Source]:
+    """The jobs database on each engine: the ops connection (SQLite) or the PostgreSQL queue."""
+    async with open_database(backend, request, tmp_path) as database:
+        yield database
+
+
+async def add_jobs(conn: Source, status: str, n: int) -> None:
     for _ in range(n):
-        await conn.execute(
-            "INSERT INTO jobs (kind, channel_id, user_id, params, status, created_at, updated_at)"
-            " VALUES ('txt2img', 1, 2, '{}', ?, ?, ?)",
-            (status, NOW, NOW),
-        )
-    await conn.commit()
+        await insert_job(conn, status=status, created_at=NOW, updated_at=NOW)
 
 
 class FakeClock:
@@ -103,7 +108,7 @@ def test_gpu_memory_gauge_is_none_safe() -> None:
     assert Metrics(gpu_memory=lambda: 42).registry.get_sample_value("ponybot_gpu_memory_bytes") == 42
 
 
-async def test_scrape_moves_after_job_finished_and_refresh(served, conn: aiosqlite.Connection) -> None:
+async def test_scrape_moves_after_job_finished_and_refresh(served, conn: Source) -> None:
     server, metrics, _health, _clock = served
     assert server.url.startswith("http://127.0.0.1:")
     status, ctype, text = await get(server, "/metrics")
@@ -138,7 +143,7 @@ async def test_scrape_moves_after_job_finished_and_refresh(served, conn: aiosqli
     assert value(text, "ponybot_gpu_memory_bytes") == 2 * 1024**3
 
 
-async def test_before_scrape_refreshes_queue(conn: aiosqlite.Connection) -> None:
+async def test_before_scrape_refreshes_queue(conn: Source) -> None:
     metrics = Metrics()
     server = MetricsServer(metrics, before_scrape=lambda: metrics.refresh_from_db(conn))
     await server.start()
@@ -146,8 +151,7 @@ async def test_before_scrape_refreshes_queue(conn: aiosqlite.Connection) -> None
         await add_jobs(conn, "generated", 2)
         _, _, text = await get(server, "/metrics")
         assert value(text, "ponybot_queue_jobs", status="generated") == 2
-        await conn.execute("UPDATE jobs SET status = 'done'")
-        await conn.commit()
+        await rows(conn, "UPDATE jobs SET status = 'done'")
         _, _, text = await get(server, "/metrics")
         assert value(text, "ponybot_queue_jobs", status="generated") == 0
     finally:

@@ -1,4 +1,4 @@
-"""bot/ops/stats.py against rows written straight into the jobs table."""
+"""bot/ops/stats.py against rows written straight into the jobs table, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiosqlite
 import numpy as np
 import pytest
+from engine_queue import insert_job, open_database
 from PIL import Image
 
+from bot.jobs.store_db import Source
 from bot.ops.stats import (
     HourlySeries,
     Stats,
@@ -30,20 +32,16 @@ DAY = 86400.0
 SAMPLERS = ["DDIM", "Euler a", "DPM++ 2M Karras", "Euler", "LMS"]
 
 
-async def insert(conn: aiosqlite.Connection, job: dict) -> int:
-    cols = {
-        "kind": "txt2img",
-        "channel_id": 10,
-        "user_id": 20,
-        "params": json.dumps({"prompt": "pony"}),
-        "updated_at": job["created_at"],
-        **job,
-    }
-    names = ", ".join(cols)
-    marks = ", ".join("?" for _ in cols)
-    cur = await conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", list(cols.values()))
-    await conn.commit()
-    return cur.lastrowid
+@pytest.fixture
+async def db(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Source]:
+    """The jobs database: an SQLite connection (as /pony-stats opens) or the PostgreSQL queue."""
+    async with open_database(backend, request, tmp_path) as database:
+        yield database
+
+
+async def insert(conn: Source, job: dict) -> int:
+    cols = {"channel_id": 10, "user_id": 20, "params": json.dumps({"prompt": "pony"}), **job}
+    return await insert_job(conn, **{"updated_at": job["created_at"], **cols})
 
 
 def make_jobs(rng: random.Random, n: int) -> list[dict]:
@@ -114,11 +112,11 @@ def expected_stats(jobs: list[dict]) -> dict:
     }
 
 
-async def test_compute_stats_matches_table(conn: aiosqlite.Connection) -> None:
+async def test_compute_stats_matches_table(db: Source) -> None:
     jobs = make_jobs(random.Random(7), 400)
     for job in jobs:
-        await insert(conn, job)
-    stats = await compute_stats(conn, now=NOW)
+        await insert(db, job)
+    stats = await compute_stats(db, now=NOW)
     want = expected_stats(jobs)
     assert stats.jobs_24h == want["jobs_24h"] > 0
     assert stats.jobs_7d == want["jobs_7d"] > stats.jobs_24h
@@ -130,11 +128,11 @@ async def test_compute_stats_matches_table(conn: aiosqlite.Connection) -> None:
     assert stats.outcomes == want["outcomes"]
 
 
-async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
+async def test_compute_stats_small_exact(db: Source) -> None:
     # waits 10, 20, 30, 40 s; runs 5 (generated-started), 7 (gen_seconds only); 2 + 3 images
     base = NOW - 3600
     await insert(
-        conn,
+        db,
         {
             "status": "done",
             "created_at": base,
@@ -146,7 +144,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
         },
     )
     await insert(
-        conn,
+        db,
         {
             "status": "done",
             "created_at": base,
@@ -158,7 +156,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
         },
     )
     await insert(
-        conn,
+        db,
         {
             "status": "failed",
             "created_at": base,
@@ -168,7 +166,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
         },
     )
     await insert(
-        conn,
+        db,
         {
             "status": "cancelled",
             "created_at": base - 3 * DAY,
@@ -178,7 +176,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
         },
     )
     await insert(
-        conn,
+        db,
         {
             "status": "done",
             "created_at": NOW - 8 * DAY,
@@ -187,7 +185,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
             "result_files": '["old.png"]',
         },
     )
-    stats = await compute_stats(conn, now=NOW)
+    stats = await compute_stats(db, now=NOW)
     assert (stats.jobs_24h, stats.jobs_7d, stats.images_24h, stats.images_7d) == (3, 4, 5, 5)
     assert stats.wait_median_s == pytest.approx(25.0)
     assert stats.wait_p95_s == pytest.approx(38.5)  # 30 + 0.85 * 10
@@ -196,7 +194,7 @@ async def test_compute_stats_small_exact(conn: aiosqlite.Connection) -> None:
     assert stats.outcomes == {"done": 2, "failed": 1, "dead": 0, "cancelled": 1}
 
 
-async def test_compute_stats_tolerates_odd_json(conn: aiosqlite.Connection) -> None:
+async def test_compute_stats_tolerates_odd_json(db: Source) -> None:
     """Malformed or unexpected JSON is skipped, not fatal; seeds stand in for bad result_files."""
     base = NOW - 60
     odd = [
@@ -208,7 +206,7 @@ async def test_compute_stats_tolerates_odd_json(conn: aiosqlite.Connection) -> N
     ]
     for status, files, seeds, params in odd:
         await insert(
-            conn,
+            db,
             {
                 "status": status,
                 "created_at": base,
@@ -218,15 +216,15 @@ async def test_compute_stats_tolerates_odd_json(conn: aiosqlite.Connection) -> N
                 "params": params,
             },
         )
-    stats = await compute_stats(conn, now=NOW)
+    stats = await compute_stats(db, now=NOW)
     assert stats.images_24h == stats.images_7d == 4
     assert stats.top_samplers == [("Euler", 1)]
     assert stats.jobs_24h == 5 and stats.outcomes["done"] == 5
     assert stats.wait_median_s is None and stats.run_median_s is None
 
 
-async def test_compute_stats_empty(conn: aiosqlite.Connection) -> None:
-    stats = await compute_stats(conn, now=NOW)
+async def test_compute_stats_empty(db: Source) -> None:
+    stats = await compute_stats(db, now=NOW)
     assert stats.jobs_7d == stats.images_7d == 0
     assert stats.wait_median_s is None and stats.run_p95_s is None
     assert stats.top_samplers == []
@@ -234,11 +232,11 @@ async def test_compute_stats_empty(conn: aiosqlite.Connection) -> None:
     assert "n/a" in text and "none yet" in text
 
 
-async def test_hourly_series_buckets(conn: aiosqlite.Connection) -> None:
+async def test_hourly_series_buckets(db: Source) -> None:
     jobs = make_jobs(random.Random(11), 300)
     for job in jobs:
-        await insert(conn, job)
-    series = await hourly_series(conn, now=NOW)
+        await insert(db, job)
+    series = await hourly_series(db, now=NOW)
     assert len(series.hour_starts) == len(series.jobs) == len(series.median_wait_s) == 24
     assert series.hour_starts[-1] <= NOW < series.hour_starts[-1] + 3600
     assert all(b - a == 3600 for a, b in zip(series.hour_starts, series.hour_starts[1:], strict=False))
@@ -270,8 +268,8 @@ def test_render_chart_png_size(width: int, height: int) -> None:
         image.verify()
 
 
-async def test_render_chart_from_empty_db(conn: aiosqlite.Connection) -> None:
-    png = render_chart(await hourly_series(conn, now=NOW))
+async def test_render_chart_from_empty_db(db: Source) -> None:
+    png = render_chart(await hourly_series(db, now=NOW))
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == (800, 400)
 

@@ -22,7 +22,7 @@ from bot.discord_ui.replies import tell
 from bot.discord_ui.services import Services
 from bot.jobs.guild_settings import Ban, GuildSettings
 from bot.jobs.models import JobStatus
-from bot.jobs.queue import JobQueue
+from bot.jobs.contract import JobQueueContract
 from bot.policy.guard import Policy, normalize_term
 from bot.policy.text import escape_for_discord
 from bot.runtime.engine import Engine
@@ -99,7 +99,14 @@ def _admin_command(
 # --- texts --------------------------------------------------------------------------------------
 
 
-async def status_text(queue: JobQueue, worker: Worker, engine: Engine) -> str:
+#: pause/resume on a gateway that runs no worker (`ponybot run --no-worker`)
+NO_LOCAL_WORKER = (
+    "This process runs no worker: the `ponybot worker` processes draw the jobs."
+    " Stop or start those to pause or resume."
+)
+
+
+async def status_text(queue: JobQueueContract, worker: Worker, engine: Engine) -> str:
     """Queue depth, running job, worker state, model and GPU memory."""
     counts = await queue.counts()
     running = ", ".join(f"#{job_id}" for job_id in worker.current_job_ids) or "nothing"
@@ -177,7 +184,7 @@ def _negative(value: str | None) -> str | None:
     return "" if value.strip().lower() in EMPTY_WORDS else value.strip()
 
 
-async def _purge(queue: JobQueue, actions: JobActions, guild_id: int, user_id: int) -> tuple[int, int]:
+async def _purge(queue: JobQueueContract, actions: JobActions, guild_id: int, user_id: int) -> tuple[int, int]:
     """Cancel a member's open jobs in the guild: (cancelled, stopping)."""
     cancelled = stopping = 0
     for job in await queue.open_jobs(user_id):
@@ -229,6 +236,8 @@ def admin_group(services: Services) -> app_commands.Group:
 
     @_admin_command(group, "pause", "Stop starting new jobs (the running one finishes)")
     async def pause(interaction: discord.Interaction) -> str:
+        if worker.state is WorkerState.ELSEWHERE:
+            return NO_LOCAL_WORKER
         if worker.paused:
             return "The worker is already paused."
         worker.pause()
@@ -237,6 +246,8 @@ def admin_group(services: Services) -> app_commands.Group:
 
     @_admin_command(group, "resume", "Start jobs again after a pause")
     async def resume(interaction: discord.Interaction) -> str:
+        if worker.state is WorkerState.ELSEWHERE:
+            return NO_LOCAL_WORKER
         if not worker.paused:
             return "The worker isn't paused."
         worker.resume()

@@ -15,8 +15,8 @@ from bot.discord_ui.replies import tell
 from bot.discord_ui.result_message import build_result_message
 from bot.discord_ui.services import Services
 from bot.errors import Refusal
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.models import Job, JobStatus
-from bot.jobs.queue import JobQueue
 from bot.policy.permissions import missing_permissions
 from bot.policy.text import escape_for_discord, format_duration
 from generator.params import GenerationParams
@@ -43,7 +43,7 @@ _STATUS_WORDS = {
 # --- /pony-queue --------------------------------------------------------------------------------
 
 
-async def queue_lines(queue: JobQueue, jobs: list[Job]) -> list[str]:
+async def queue_lines(queue: JobQueueContract, jobs: list[Job]) -> list[str]:
     """One line per open job: number, state, position or time left, prompt."""
     lines = []
     for job in jobs:
@@ -73,7 +73,7 @@ def cancel_view(jobs: list[Job]) -> discord.ui.View | None:
     return view if view.children else None
 
 
-def queue_command(queue: JobQueue) -> app_commands.Command:
+def queue_command(queue: JobQueueContract) -> app_commands.Command:
     """Build `/pony-queue`."""
 
     @app_commands.command(name="pony-queue", description="Your open ponybot jobs, and buttons to cancel them")
@@ -136,6 +136,8 @@ async def repost(services: Services, interaction: discord.Interaction, job: Job)
     """Post the job's result again in this channel; return what to tell the member."""
     if job.status is not JobStatus.DONE:
         return f"Job #{job.id} is {_STATUS_WORDS[job.status]}; there is no result to show."
+    if job.pruned_at is None:  # saved on another machine: fetched from the queue first
+        await services.queue.ensure_files(job.result_files)
     paths = [services.delivery.images_dir / name for name in job.result_files]
     if job.pruned_at is not None or not paths or not all(p.exists() for p in paths):
         return (
