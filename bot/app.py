@@ -18,8 +18,7 @@ it: `run_worker` (`ponybot worker`) runs only the worker half, over REST (`login
 gateway connection, never a command sync); `ponybot run --no-worker` (`PONY_LOCAL_WORKER=false`)
 runs only the gateway half: its worker is built but never started (`Worker.stay_elsewhere`), so
 it serves commands and queues jobs that the worker processes claim. The per-guild settings and the
-synced command schema stay in the SQLite file (`PONY_DB`) of the one gateway process
-(`_stores_queue`).
+synced command schema live in the queue's database.
 """
 
 from __future__ import annotations
@@ -99,16 +98,8 @@ async def open_queue(settings: Settings, *, application_name: str | None = None)
                 f"Could not open the PostgreSQL queue at {database_place(settings.database_url)}"
                 f" ({type(exc).__name__}: {exc}). Check PONY_DATABASE_URL and that the server is up."
             ) from exc
-    return await JobQueue.open(settings.db_path, limits, busy_timeout_ms=settings.db_busy_timeout_ms)
-
-
-async def _stores_queue(settings: Settings, queue: JobQueue | PgJobQueue) -> JobQueue:
-    """The SQLite database that keeps the guild settings and the app state: the queue itself, or,
-    when the jobs are in PostgreSQL, the gateway's own SQLite file at `PONY_DB`."""
-    if isinstance(queue, JobQueue):
-        return queue
     return await JobQueue.open(
-        settings.db_path, QueueLimits.from_settings(settings), busy_timeout_ms=settings.db_busy_timeout_ms
+        settings.db_path, limits, busy_timeout_ms=settings.db_busy_timeout_ms, images_dir=settings.images_dir
     )
 
 
@@ -120,6 +111,7 @@ def build_worker(
     client: discord.Client,
     *,
     worker_id: str | None = None,
+    gateway: bool = True,
 ) -> tuple[Worker, Ops, OutputFilter | None]:
     """The worker with its watchers: `Ops` (given the worker's heartbeat / on_finished hooks) and
     the image filter (its `screen` hook, when PONY_NSFW_CLASSIFIER is set). Nothing starts."""
@@ -133,7 +125,15 @@ def build_worker(
         lease_s=settings.lease_s,
         worker_id=worker_id,
     )
-    ops = Ops(settings, engine, worker)  # metrics, health, periodic refresh and retention
+    # metrics, health, periodic refresh and retention, on the queue's database
+    ops = Ops(
+        settings,
+        engine,
+        worker,
+        queue=queue,
+        gateway=gateway,
+        local_worker=settings.local_worker or not gateway,
+    )
     worker.heartbeat = ops.worker_heartbeat
     worker.on_finished = ops.job_finished
     output_filter = OutputFilter(settings, engine, client) if settings.nsfw_classifier is not None else None
@@ -148,19 +148,13 @@ def build_services(
     engine: Engine,
     client: discord.Client,
     *,
-    stores: JobQueue | None = None,
     worker_id: str | None = None,
 ) -> Services:
     """Build every service of one bot process, once, on `queue`, `engine` and `client` (nothing starts).
 
-    `stores` keeps the guild settings and app state (default: `queue`, which must then be SQLite).
     With `settings.local_worker` false the worker is built but never started (`stay_elsewhere`).
     """
-    if stores is None:
-        if not isinstance(queue, JobQueue):
-            raise TypeError("build_services: a PostgreSQL queue needs the SQLite `stores` database")
-        stores = queue
-    guard = Guard(settings, stores)
+    guard = Guard(settings, queue)
     if guard.store is None:  # a guard built with a queue always has its store
         raise RuntimeError("the guard has no guild settings store")
     delivery = Delivery(client, queue, settings.images_dir)
@@ -187,7 +181,7 @@ def build_services(
         client=client,
         queue=queue,
         engine=engine,
-        app_state=AppState(stores),
+        app_state=AppState(queue),
         guild_settings=guard.store,
         guard=guard,
         delivery=delivery,
@@ -214,14 +208,9 @@ async def run_bot(
     settings.images_dir.mkdir(parents=True, exist_ok=True)
     worker_id = new_worker_id() if settings.local_worker else None
     queue = await open_queue(settings, application_name=worker_id)
-    try:
-        stores = await _stores_queue(settings, queue)
-    except BaseException:
-        await queue.close()
-        raise
     engine = Engine(settings.generator_config())
     client = make_client(settings)  # PONY_SHARDS: one gateway connection, or shards in this process
-    services = build_services(settings, queue, engine, client, stores=stores, worker_id=worker_id)
+    services = build_services(settings, queue, engine, client, worker_id=worker_id)
     if not settings.local_worker:
         log.info("no local worker (--no-worker / PONY_LOCAL_WORKER=false): `ponybot worker` runs the jobs")
         if settings.database_url is None:
@@ -251,8 +240,6 @@ async def run_bot(
     finally:
         await services.ops.stop()
         await queue.close()
-        if stores is not queue:
-            await stores.close()
     if services.worker.fatal is not None:
         raise WorkerFailed(services.worker.fatal)
 
@@ -297,7 +284,9 @@ async def run_worker(
     engine = Engine(settings.generator_config())
     client = discord.Client(intents=discord.Intents.none(), allowed_mentions=discord.AllowedMentions.none())
     delivery = Delivery(client, queue, settings.images_dir)
-    worker, ops, output_filter = build_worker(settings, queue, engine, delivery, client, worker_id=worker_id)
+    worker, ops, output_filter = build_worker(
+        settings, queue, engine, delivery, client, worker_id=worker_id, gateway=False
+    )
     stop = stop or asyncio.Event()
     worker.on_fatal = lambda _reason: stop.set()  # e.g. a hung GPU: shut down, then exit non-zero
     if handle_signals:
@@ -338,11 +327,9 @@ async def sync_now(settings: Settings) -> SyncResult:
     point_discord_at(settings.discord_api_base, settings.discord_gateway_url)
     queue = await open_queue(settings)
     engine = Engine(settings.generator_config())  # never loaded: the commands only need to exist
-    stores: JobQueue | None = None
     try:
-        stores = await _stores_queue(settings, queue)
         client = discord.Client(intents=discord.Intents.none())  # login() runs no PonyBot.setup_hook
-        services = build_services(settings, queue, engine, client, stores=stores)
+        services = build_services(settings, queue, engine, client)
         tree: app_commands.CommandTree = app_commands.CommandTree(client)
         guild = add_commands(tree, services)
         async with client:
@@ -353,5 +340,3 @@ async def sync_now(settings: Settings) -> SyncResult:
     finally:
         engine.shutdown()
         await queue.close()
-        if stores is not None and stores is not queue:
-            await stores.close()

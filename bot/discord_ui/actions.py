@@ -19,9 +19,9 @@ from bot.discord_ui.delivery import Delivery
 from bot.discord_ui.messages import names_job
 from bot.discord_ui.replies import tell
 from bot.errors import BUSY, Refusal, refusal_text
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.extras import hires_of, job_cost, job_extras
 from bot.jobs.models import Job, JobKind, JobStatus, QueueFull
-from bot.jobs.contract import JobQueueContract
 from bot.logging_setup import log_job_event
 from bot.ops.ops import Ops
 from bot.policy.guard import Guard, Policy

@@ -60,7 +60,7 @@ def add_commands(tree: app_commands.CommandTree, services: Services) -> discord.
     tree.add_command(pony_command(settings, services.actions))
     tree.add_command(recreate_command(services.member_images))  # message command: Re-create with ponybot
     tree.add_command(admin_group(services))
-    for command in [*member_commands(services), *info_commands(settings)]:
+    for command in [*member_commands(services), *info_commands(settings, services.queue)]:
         tree.add_command(command)
     if not settings.discord_guild_id:
         return None

@@ -169,6 +169,10 @@ class Health:
     idle-polling and while waiting for the model), or when the gateway has been disconnected for
     more than `gateway_grace_s` (discord.py reconnects on its own; short gaps are normal). The
     grace periods start when the object is made, so start-up is healthy for a while.
+
+    A process without a gateway (`ponybot worker`: `watch_gateway=False`) reports
+    `gateway_connected` None and never a gateway reason; one without a worker (`ponybot run
+    --no-worker`: `watch_worker=False`) never a heartbeat reason (its jobs wait for other machines).
     """
 
     def __init__(
@@ -176,8 +180,12 @@ class Health:
         *,
         stuck_after_s: float = 300.0,
         gateway_grace_s: float = 60.0,
+        watch_gateway: bool = True,
+        watch_worker: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.watch_gateway = watch_gateway
+        self.watch_worker = watch_worker
         self.stuck_after_s = stuck_after_s
         self.gateway_grace_s = gateway_grace_s
         self._clock = clock
@@ -211,19 +219,19 @@ class Health:
         queue = self._queue or {}
         pending = self._busy or queue.get("queued", 0) > 0 or queue.get("running", 0) > 0
         reasons: list[str] = []
-        if pending and age > self.stuck_after_s:
+        if self.watch_worker and pending and age > self.stuck_after_s:
             reasons.append(
                 f"worker heartbeat is {age:.0f} s old (limit {self.stuck_after_s:g} s) with work pending"
             )
         down_for = max(0.0, now - self._gateway_since)
-        if not self._gateway and down_for > self.gateway_grace_s:
+        if self.watch_gateway and not self._gateway and down_for > self.gateway_grace_s:
             reasons.append(f"discord gateway disconnected for {down_for:.0f} s")
         details: dict[str, Any] = {
             "worker_heartbeat_age_s": round(age, 3),
             "worker_busy": self._busy,
             "stuck_after_s": self.stuck_after_s,
             "queue": dict(self._queue) if self._queue is not None else None,
-            "gateway_connected": self._gateway,
+            "gateway_connected": self._gateway if self.watch_gateway else None,
             "reasons": reasons,
         }
         return not reasons, details

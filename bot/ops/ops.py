@@ -43,16 +43,27 @@ class Ops:
     """Metrics, health and the periodic tasks of one bot process."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, worker: Worker, *, queue: JobQueueContract | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        worker: Worker,
+        *,
+        queue: JobQueueContract | None = None,
+        gateway: bool = True,
+        local_worker: bool = True,
     ) -> None:
         """`queue` picks the database of the refresh and retention: a `PgJobQueue` = its pool;
-        anything else (or None) = a dedicated SQLite connection to `PONY_DB`, opened by `start()`."""
+        anything else (or None) = a dedicated SQLite connection to `PONY_DB`, opened by `start()`.
+        `gateway` / `local_worker`: whether this process has a gateway / runs its worker (health
+        watches only what the process has: `ponybot worker` has no gateway, `run --no-worker` no worker)."""
         self.settings = settings
         self.engine = engine
         self.worker = worker
         self.queue = queue
         self.metrics = Metrics(gpu_memory=self._gpu_bytes)
-        self.health = Health(stuck_after_s=self.settings.health_stuck_s)
+        self.health = Health(
+            stuck_after_s=self.settings.health_stuck_s, watch_gateway=gateway, watch_worker=local_worker
+        )
         self.server: MetricsServer | None = None
         self.conn: aiosqlite.Connection | None = None  # the SQLite ops connection (None on PostgreSQL)
         self.db: StoreDb | None = None  # what refresh and prune read and write, once started

@@ -27,7 +27,7 @@ from generator.params import MAX_COUNT, GenerationParams
 
 if TYPE_CHECKING:
     from bot.jobs.models import Job
-    from bot.jobs.queue import JobQueue
+    from bot.jobs.store_db import Source
 
 BANNED = "You can't use ponybot in this server."
 BLOCKED = "That prompt isn't allowed in this channel (it contains a blocked term)."
@@ -134,7 +134,7 @@ def _pick(override: str | None, default: str) -> str:
 class Guard:
     """Applies a guild's rules to requests before they are queued."""
 
-    def __init__(self, settings: Settings, queue: JobQueue | None = None):
+    def __init__(self, settings: Settings, queue: Source | None = None):
         self.settings = settings
         self.store = GuildSettingsStore(queue) if queue is not None else None
 

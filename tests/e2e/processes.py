@@ -75,6 +75,10 @@ class PonyProcess:
         """Everything the process printed."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def errors(self) -> list[str]:
+        """The ERROR and CRITICAL lines of its log."""
+        return [line for line in self.log().splitlines() if " ERROR " in line or " CRITICAL " in line]
+
 
 def pid_of(worker_id: str) -> int:
     """The process id inside a worker id (`host:pid:random`, bot.runtime.worker.new_worker_id)."""

@@ -141,6 +141,9 @@ async def test_sixty_jobs_on_three_workers_survive_a_kill_9(start_cluster: Calla
     killed = await cluster.job(long_job)
     assert killed["attempts"] == 2 and killed["result_message_id"] == job_messages(fake, long_job)[0].id
     assert set((await cluster.statuses()).values()) == {"done"}
+    for proc in [cluster.gateway, *cluster.workers]:
+        if proc is not None and proc is not victim:
+            assert not proc.errors(), f"{proc.name} logged errors:\n" + "\n".join(proc.errors())
     assert_workers_stayed_off_the_gateway(cluster)
     await stop_cleanly(cluster)
 

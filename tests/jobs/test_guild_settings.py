@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from engine_queue import Queue, open_queue, rows
 
 from bot.jobs.guild_settings import GuildSettings, GuildSettingsStore

@@ -16,16 +16,15 @@ import pytest
 from engine_queue import open_database, open_queue
 
 from bot.jobs.db import MIGRATIONS_DIR
-from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.retention import UPLOAD_GRACE_S, prune, retention_limits
-from bot.jobs.store_db import store_db
+from bot.jobs.store_db import Source, store_db
 
 MIGRATIONS = MIGRATIONS_DIR
 NOW = 1_750_000_000.0
 DAY = 86400.0
 KB = 1000
 
-Db = aiosqlite.Connection | PgJobQueue
+Db = Source
 
 
 @pytest.fixture

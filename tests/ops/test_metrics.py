@@ -258,3 +258,28 @@ async def test_server_start_stop_twice() -> None:
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics"):
             pass
+
+
+def test_a_worker_process_has_no_gateway_to_report() -> None:
+    """`ponybot worker` never connects a gateway: its health names no gateway reason."""
+    clock = [0.0]
+    health = Health(gateway_grace_s=60.0, watch_gateway=False, clock=lambda: clock[0])
+    clock[0] = 3600.0
+    health.worker_heartbeat(now=3600.0)
+    ok, details = health.check()
+    assert ok and details["reasons"] == []
+    assert details["gateway_connected"] is None
+
+
+def test_a_gateway_without_a_worker_is_not_stuck_while_jobs_wait() -> None:
+    """`ponybot run --no-worker`: queued jobs wait for other machines, not for this process."""
+    clock = [0.0]
+    health = Health(stuck_after_s=300.0, watch_worker=False, clock=lambda: clock[0])
+    watched = Health(stuck_after_s=300.0, clock=lambda: clock[0])  # the default: this process runs the jobs
+    for each in (health, watched):
+        each.set_gateway(True, now=0.0)
+        each.set_queue_depth({"queued": 5, "running": 0, "generated": 0})
+    clock[0] = 3600.0
+    ok, details = health.check()
+    assert ok and details["reasons"] == []
+    assert watched.check()[1]["reasons"] == ["worker heartbeat is 3600 s old (limit 300 s) with work pending"]

@@ -20,9 +20,9 @@ from bot.config import Settings
 from bot.discord_ui.actions import JobActions, cancel_text
 from bot.discord_ui.replies import tell
 from bot.discord_ui.services import Services
+from bot.jobs.contract import JobQueueContract
 from bot.jobs.guild_settings import Ban, GuildSettings
 from bot.jobs.models import JobStatus
-from bot.jobs.contract import JobQueueContract
 from bot.policy.guard import Policy, normalize_term
 from bot.policy.text import escape_for_discord
 from bot.runtime.engine import Engine
@@ -184,7 +184,9 @@ def _negative(value: str | None) -> str | None:
     return "" if value.strip().lower() in EMPTY_WORDS else value.strip()
 
 
-async def _purge(queue: JobQueueContract, actions: JobActions, guild_id: int, user_id: int) -> tuple[int, int]:
+async def _purge(
+    queue: JobQueueContract, actions: JobActions, guild_id: int, user_id: int
+) -> tuple[int, int]:
     """Cancel a member's open jobs in the guild: (cancelled, stopping)."""
     cancelled = stopping = 0
     for job in await queue.open_jobs(user_id):
