@@ -103,6 +103,12 @@ async def open_queue(settings: Settings, *, application_name: str | None = None)
     )
 
 
+def _delivery_owner(queue: JobQueueContract) -> str | None:
+    """Who holds this process's deliveries: on PostgreSQL its connections' name, so a hold ends
+    the moment the process dies (`PgJobQueue.claim_delivery`); else a fresh id per process."""
+    return queue.application_name if isinstance(queue, PgJobQueue) else None
+
+
 def build_worker(
     settings: Settings,
     queue: JobQueueContract,
@@ -157,7 +163,7 @@ def build_services(
     guard = Guard(settings, queue)
     if guard.store is None:  # a guard built with a queue always has its store
         raise RuntimeError("the guard has no guild settings store")
-    delivery = Delivery(client, queue, settings.images_dir)
+    delivery = Delivery(client, queue, settings.images_dir, owner=_delivery_owner(queue))
     worker, ops, output_filter = build_worker(settings, queue, engine, delivery, client, worker_id=worker_id)
     if not settings.local_worker:
         worker.stay_elsewhere()
@@ -283,7 +289,7 @@ async def run_worker(
     queue = await open_queue(settings, application_name=worker_id)
     engine = Engine(settings.generator_config())
     client = discord.Client(intents=discord.Intents.none(), allowed_mentions=discord.AllowedMentions.none())
-    delivery = Delivery(client, queue, settings.images_dir)
+    delivery = Delivery(client, queue, settings.images_dir, owner=_delivery_owner(queue))
     worker, ops, output_filter = build_worker(
         settings, queue, engine, delivery, client, worker_id=worker_id, gateway=False
     )

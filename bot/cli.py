@@ -152,12 +152,38 @@ def _migrate(_args: argparse.Namespace) -> int:
     from bot.jobs.db import DatabaseTooNew, migrate_path
 
     settings = load_settings()
+    if settings.database_url is not None:
+        return _migrate_postgres(settings.database_url)
     try:
         applied = migrate_path(settings.db_path)
     except DatabaseTooNew as exc:
         print(str(exc), file=sys.stderr)
         return 2
     print(f"{settings.db_path}: applied {applied}" if applied else f"{settings.db_path}: up to date")
+    return 0
+
+
+def _migrate_postgres(url: str) -> int:
+    """`ponybot migrate` with PONY_DATABASE_URL: the PostgreSQL schema, one line either way."""
+    import asyncpg
+
+    from bot.app import database_place
+    from bot.jobs.db import DatabaseTooNew
+    from bot.jobs.pg_db import migrate_url
+
+    place = database_place(url)
+    try:
+        applied = asyncio.run(migrate_url(url))
+    except DatabaseTooNew as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(
+            f"Could not migrate the PostgreSQL database at {place} ({type(exc).__name__}: {exc}).",
+            file=sys.stderr,
+        )
+        return EXIT_DATABASE
+    print(f"{place}: applied {applied}" if applied else f"{place}: up to date")
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PONYBOT = Path(sys.executable).with_name("ponybot")
 
@@ -53,6 +56,44 @@ def test_migrate_creates_and_is_idempotent(tmp_path: Path) -> None:
         conn.execute("PRAGMA user_version = 999")
     newer = run("migrate", env=env, cwd=tmp_path)
     assert newer.returncode == 2 and "version 999" in newer.stderr
+
+
+@pytest.mark.postgres
+def test_migrate_with_a_database_url_creates_the_postgresql_schema(tmp_path: Path, pg_url: str) -> None:
+    env = {**base_env(tmp_path), "PONY_DATABASE_URL": pg_url}
+    first = run("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("127.0.0.1:") and "hunter2" not in first.stdout
+    again = run("migrate", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.strip().endswith("up to date")
+
+    async def version() -> int:
+        import asyncpg
+
+        from bot.jobs.pg_db import schema_version
+
+        conn = await asyncpg.connect(pg_url)
+        try:
+            return await schema_version(conn)
+        finally:
+            await conn.close()
+
+    from bot.jobs.db import available_migrations
+    from bot.jobs.pg_db import MIGRATIONS_PG_DIR
+
+    assert asyncio.run(version()) == available_migrations(MIGRATIONS_PG_DIR)[-1][0]
+    assert not (tmp_path / "data" / "jobs.sqlite3").exists(), "no SQLite file once the queue is in PostgreSQL"
+
+
+def test_migrate_with_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    env = {**base_env(tmp_path), "PONY_DATABASE_URL": "postgresql://ponybot:hunter2@127.0.0.1:1/ponybot"}
+    result = run("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 5
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "Could not migrate the PostgreSQL database at 127.0.0.1:1/ponybot"
+    )
+    assert "hunter2" not in result.stderr
 
 
 def test_invite_url_has_scopes_and_permissions(tmp_path: Path) -> None:

@@ -254,6 +254,11 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
         await self.close()
 
     @property
+    def application_name(self) -> str:
+        """The name this process's pool connections carry (`pg_stat_activity.application_name`)."""
+        return self._application_name
+
+    @property
     def pool(self) -> asyncpg.Pool:
         """The underlying connection pool (for tests and, later, the other stores)."""
         return self._pool
@@ -1014,14 +1019,19 @@ class PgJobQueue(queue_rules.Transitions[asyncpg.Connection, asyncpg.Record]):
         return _row_count(status)
 
     async def claim_delivery(self, job_id: int, owner: str, hold_s: float = 60.0) -> bool:
-        """True when `owner` may deliver the generated job now: it is unheld, held by `owner`, or the
-        hold expired; the hold (`delivery_owner`, `delivery_until`) is then set for `hold_s` s."""
+        """True when `owner` may deliver the generated job now: it is unheld, held by `owner`, the
+        hold expired, or its holder has no connection to this database any more (a process whose
+        `application_name` it was, killed mid-delivery); the hold (`delivery_owner`,
+        `delivery_until`) is then set for `hold_s` s. Pass `application_name` as `owner` so a dead
+        holder's hold ends with its connections rather than after `hold_s`."""
         now = self._now()
         return (
             await self._one_statement(
                 "UPDATE jobs SET delivery_owner = :owner, delivery_until = :until"
                 " WHERE id = :id AND status = 'generated'"
-                " AND (delivery_owner IS NULL OR delivery_owner = :owner OR delivery_until <= :now)",
+                " AND (delivery_owner IS NULL OR delivery_owner = :owner OR delivery_until <= :now"
+                "      OR NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a"
+                "                     WHERE a.datname = current_database() AND a.application_name = delivery_owner))",
                 {"owner": owner, "until": now + hold_s, "id": job_id, "now": now},
             )
             > 0

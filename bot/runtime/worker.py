@@ -311,6 +311,8 @@ class Worker:
     def _lost(self) -> None:
         """The queue lost this worker's registration (its connection died): the loop re-registers."""
         log.warning("worker %s is no longer registered; registering a fresh id", self.worker_id)
+        for running in list(self._running.values()):
+            running.cancel.set()  # its result would be refused: free the GPU now, not at the end
         self._registration_lost = True
         self.wake()
 

@@ -162,11 +162,8 @@ async def test_kill_9_between_generated_and_done_delivers_once(start_cluster: Ca
     await asyncio.sleep(0.3)  # the kill closed its connection to Discord
     fake.release_uploads(fake.channel_id)
     await cluster.wait_sync(lambda: fake.dropped_uploads, 10, "the killed worker's upload dropped")
-    # the dead process's delivery hold lasts 60 s (`claim_delivery`): let that time pass
-    assert (await cluster.job(job_id))["status"] == "generated"
-    await cluster.execute("UPDATE jobs SET delivery_until = 0 WHERE id = $1", job_id)
-
-    done = await wait_status(cluster, job_id, "done", 30)
+    # the dead process's delivery hold (60 s) ends with its connections: no waiting it out
+    done = await wait_status(cluster, job_id, "done", 20)
     assert_one_result(fake, job_id)
     assert done["result_message_id"] == job_messages(fake, job_id)[0].id
     assert done["delivery_owner"] != holder, "another process delivered it"
@@ -197,7 +194,10 @@ async def test_cut_database_connections_refuse_the_late_write(start_cluster: Cal
     await cluster.wait(elsewhere, 10, f"job #{job_id} taken back from the cut-off worker")
     done = await wait_status(cluster, job_id, "done", 60)
     assert_one_result(fake, job_id)
-    assert done["attempts"] == 2
+    # the cut-off worker stops its generation at once and hands the job back uncounted when it
+    # still can (1), or another worker took it first (2); its own late writes are refused either
+    # way (tests/jobs/test_pg_liveness.py shows the refused mark_generated)
+    assert done["attempts"] in (1, 2)
     uploads = [r for r in fake.requests if r.files and r.status == 200]
     assert len(uploads) == 1, "nothing was posted twice"
 
@@ -207,8 +207,7 @@ async def test_cut_database_connections_refuse_the_late_write(start_cluster: Cal
 
     await cluster.wait(registered_again, 15, "the cut-off worker registered under a fresh id")
     assert victim.running, "the worker process survived its lost connections"
-    # its generation went on to the end, and recording it under the cut-off id was refused
-    await cluster.wait_sync(lambda: "lost the lease before saving" in victim.log(), 30, "the refused write")
+    assert "is no longer registered; registering a fresh id" in victim.log()
     await stop_cleanly(cluster)
 
 
