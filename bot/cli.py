@@ -165,7 +165,7 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 def _migrate_postgres(url: str) -> int:
     """`ponybot migrate` with PONY_DATABASE_URL: the PostgreSQL schema, one line either way."""
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     from bot.app import database_place
     from bot.jobs.db import DatabaseTooNew
