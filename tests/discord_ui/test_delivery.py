@@ -587,7 +587,7 @@ async def test_a_delivery_held_by_another_process_is_left_to_it(
 ) -> None:
     here, there = pg_queues
     job = await generated_job(here, tmp_path / "machine-a", count=1)
-    assert await there.claim_delivery(job.id, "the-other-process")
+    assert await there.claim_delivery(job.id, there.application_name)  # a live process holds it
     delivery = Delivery(client, here, tmp_path / "machine-a", owner="this-process")  # type: ignore[arg-type]
     await delivery.deliver(job)
     assert channel.sends == [] and channel.messages == {}

@@ -104,8 +104,13 @@ async def test_sixty_jobs_on_three_workers_survive_a_kill_9(start_cluster: Calla
     fake = cluster.fake
     members = [fake.alice, fake.bob, fake.mod, fake.admin, fake.owner]
     long_job = await queue_job(fake, fake.alice, "the long one", steps=LONG_STEPS)
-    running = await wait_status(cluster, long_job, "running", 60)
-    owner = running["lease_owner"]
+    await wait_status(cluster, long_job, "running", 60)
+
+    async def begun() -> bool:  # reserved jobs are "running" too; the attempt counts once begun
+        return (await cluster.job(long_job))["started_at"] is not None
+
+    await cluster.wait(begun, 30, f"job #{long_job} begun")
+    owner = (await cluster.job(long_job))["lease_owner"]
     victim = cluster.worker_with_pid(pid_of(owner))
     victim.kill9()  # mid-generation: 150 steps take seconds here
     killed_at = time.monotonic()

@@ -45,7 +45,13 @@ async def open_queue(pg_url: str, tmp_path: Path, clock: FakeClock) -> AsyncIter
     opened: list[PgJobQueue] = []
 
     async def open_(name: str, limits: QueueLimits = LOOSE) -> PgJobQueue:
-        q = await PgJobQueue.open(pg_url, limits, clock=clock, images_dir=tmp_path / name / "images")
+        q = await PgJobQueue.open(
+            pg_url,
+            limits,
+            clock=clock,
+            images_dir=tmp_path / name / "images",
+            application_name=f"ponybot-{name}",
+        )
         opened.append(q)
         return q
 
@@ -246,20 +252,33 @@ async def test_claim_delivery_holds_a_generated_job_for_one_owner(
     open_queue: OpenQueue, clock: FakeClock
 ) -> None:
     a, b = await open_queue("a"), await open_queue("b")
+    one, two = a.application_name, b.application_name  # holders are named by their live connections
     job = await add(a)
     assert (await a.claim("w")) is not None
-    assert not await a.claim_delivery(job.id, "gateway-1"), "running: nothing to deliver"
+    assert not await a.claim_delivery(job.id, one), "running: nothing to deliver"
     assert await a.mark_generated(job.id, "w", [], [1], 1.0)
-    assert await a.claim_delivery(job.id, "gateway-1", hold_s=30)
-    assert not await b.claim_delivery(job.id, "gateway-2", hold_s=30)
-    assert await a.claim_delivery(job.id, "gateway-1", hold_s=30), "the holder may go on"
+    assert await a.claim_delivery(job.id, one, hold_s=30)
+    assert not await b.claim_delivery(job.id, two, hold_s=30)
+    assert await a.claim_delivery(job.id, one, hold_s=30), "the holder may go on"
     clock.now += 29
-    assert not await b.claim_delivery(job.id, "gateway-2", hold_s=30)
+    assert not await b.claim_delivery(job.id, two, hold_s=30)
     clock.now += 2
-    assert await b.claim_delivery(job.id, "gateway-2", hold_s=30), "the hold expired"
-    assert not await a.claim_delivery(job.id, "gateway-1", hold_s=30)
+    assert await b.claim_delivery(job.id, two, hold_s=30), "the hold expired"
+    assert not await a.claim_delivery(job.id, one, hold_s=30)
     assert await b.mark_done(job.id, 99)
-    assert not await b.claim_delivery(job.id, "gateway-2"), "done: nothing to deliver"
+    assert not await b.claim_delivery(job.id, two), "done: nothing to deliver"
+
+
+async def test_a_delivery_hold_ends_with_its_holders_connections(open_queue: OpenQueue) -> None:
+    """A process killed mid-delivery: its hold is taken over at once, not after `hold_s`."""
+    a, b = await open_queue("a"), await open_queue("b")
+    job = await add(a)
+    assert (await a.claim("w")) is not None
+    assert await a.mark_generated(job.id, "w", [], [1], 1.0)
+    assert await a.claim_delivery(job.id, a.application_name, hold_s=600)
+    assert not await b.claim_delivery(job.id, b.application_name), "a live holder keeps it"
+    await a.close()  # the holder's process is gone: no connection carries its name
+    assert await b.claim_delivery(job.id, b.application_name), "a dead holder's hold is over"
 
 
 async def test_progress_slot_lets_one_process_through_per_interval_per_channel(
