@@ -31,7 +31,6 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import discord
 from discord import app_commands
@@ -47,6 +46,7 @@ from bot.discord_ui.services import Services
 from bot.jobs.app_state import AppState
 from bot.jobs.contract import JobQueueContract
 from bot.jobs.models import QueueLimits
+from bot.jobs.pg_db import CONNECT_ERRORS, database_place
 from bot.jobs.pg_queue import PgJobQueue
 from bot.jobs.queue import JobQueue
 from bot.ops.ops import Ops
@@ -69,21 +69,12 @@ class DatabaseUnreachable(Exception):
     """PostgreSQL at PONY_DATABASE_URL could not be reached or refused the connection (one line)."""
 
 
-def database_place(url: str) -> str:
-    """Where a database URL points, without its user or password: "host:port/database"."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
-
-
 async def open_queue(settings: Settings, *, application_name: str | None = None) -> JobQueue | PgJobQueue:
     """The job queue (connected and migrated): PostgreSQL at `PONY_DATABASE_URL` when set (its
     connections named `application_name`, default `gateway_name()`), else SQLite at `PONY_DB`.
 
     Raises DatabaseUnreachable when PostgreSQL cannot be reached or refuses the connection.
     """
-    import asyncpg  # type: ignore[import-untyped]
-
     limits = QueueLimits.from_settings(settings)
     if settings.database_url is not None:
         try:
@@ -93,7 +84,7 @@ async def open_queue(settings: Settings, *, application_name: str | None = None)
                 images_dir=settings.images_dir,
                 application_name=application_name or gateway_name(),
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except CONNECT_ERRORS as exc:
             raise DatabaseUnreachable(
                 f"Could not open the PostgreSQL queue at {database_place(settings.database_url)}"
                 f" ({type(exc).__name__}: {exc}). Check PONY_DATABASE_URL and that the server is up."

@@ -165,11 +165,8 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 def _migrate_postgres(url: str) -> int:
     """`ponybot migrate` with PONY_DATABASE_URL: the PostgreSQL schema, one line either way."""
-    import asyncpg  # type: ignore[import-untyped]
-
-    from bot.app import database_place
     from bot.jobs.db import DatabaseTooNew
-    from bot.jobs.pg_db import migrate_url
+    from bot.jobs.pg_db import CONNECT_ERRORS, database_place, migrate_url
 
     place = database_place(url)
     try:
@@ -177,7 +174,7 @@ def _migrate_postgres(url: str) -> int:
     except DatabaseTooNew as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except CONNECT_ERRORS as exc:
         print(
             f"Could not migrate the PostgreSQL database at {place} ({type(exc).__name__}: {exc}).",
             file=sys.stderr,

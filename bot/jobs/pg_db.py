@@ -13,6 +13,7 @@ LISTEN/NOTIFY, no libpq needed). It ships no type information, hence the `type: 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -22,6 +23,8 @@ from bot.jobs.db import DatabaseTooNew, MigrationError, available_migrations
 MIGRATIONS_PG_DIR = Path(__file__).resolve().parent / "migrations_pg"
 #: pg_advisory_lock key held while migrating ("ponymigr" as an integer; any constant unique to us)
 MIGRATE_LOCK = 0x706F6E796D696772
+#: what connecting to (or talking with) an unreachable or refusing server raises
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 #: pool sizes: a worker claims, heartbeats and delivers concurrently; a few connections are plenty
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 8
@@ -33,6 +36,13 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 INSERT INTO schema_version (only_row, version) VALUES (true, 0) ON CONFLICT (only_row) DO NOTHING;
 """
+
+
+def database_place(url: str) -> str:
+    """Where a database URL points, without its user or password: `host:port/database`."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
 
 
 async def create_pool(

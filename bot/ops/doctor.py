@@ -31,6 +31,7 @@ import aiosqlite
 import discord
 
 from bot.config import Settings, SettingsError, load_settings
+from bot.jobs.models import OPEN_STATUSES
 from bot.logging_setup import REDACTED, redact, setup_logging
 from bot.policy.permissions import REQUIRED, missing_permissions
 from generator.errors import first_line
@@ -215,26 +216,24 @@ async def check_database(settings: Settings, report: Report) -> AllowedChannels:
         return {}
     finally:
         await conn.close()
+    report.ok(f"{what}: {_schema_and_jobs(version, newest, counts)}")
+    return allowed
+
+
+def _schema_and_jobs(version: int, newest: int, counts: Mapping[str, int]) -> str:
+    """`schema N, up to date; J jobs, O open` (or how many migrations are pending), for either engine."""
     pending = newest - version
     state = (
         "up to date"
         if pending == 0
         else f"{pending} migration(s) pending, applied at the next start (or run `ponybot migrate`)"
     )
-    waiting = sum(counts.get(s, 0) for s in ("queued", "running", "generated"))
-    report.ok(f"{what}: schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open")
-    return allowed
+    waiting = sum(counts.get(s, 0) for s in OPEN_STATUSES)
+    return f"schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open"
 
 
 #: how long `ponybot doctor` waits for PostgreSQL to answer
 PG_CONNECT_TIMEOUT_S = 5.0
-
-
-def database_place(url: str) -> str:
-    """Where a database URL points, without its user or password: `host:port/database`."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
 
 
 def url_password(url: str) -> str:
@@ -286,7 +285,7 @@ async def check_postgres(settings: Settings, report: Report) -> AllowedChannels:
     import asyncpg
 
     from bot.jobs.db import MigrationError, available_migrations
-    from bot.jobs.pg_db import MIGRATIONS_PG_DIR, schema_version
+    from bot.jobs.pg_db import CONNECT_ERRORS, MIGRATIONS_PG_DIR, database_place, schema_version
 
     url = settings.database_url or ""
     what = f"database {database_place(url)}"
@@ -299,7 +298,7 @@ async def check_postgres(settings: Settings, report: Report) -> AllowedChannels:
         conn = await asyncpg.connect(
             url, timeout=PG_CONNECT_TIMEOUT_S, server_settings={"application_name": "ponybot-doctor"}
         )
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except CONNECT_ERRORS as exc:  # TimeoutError is an OSError
         report.fail(what, postgres_failure(exc, url))
         return {}
     allowed: AllowedChannels = {}
@@ -321,21 +320,12 @@ async def check_postgres(settings: Settings, report: Report) -> AllowedChannels:
             allowed = _allowed_from_rows(
                 dict(row) for row in await conn.fetch("SELECT * FROM guild_settings")
             )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except CONNECT_ERRORS as exc:
         report.fail(what, postgres_failure(exc, url))
         return {}
     finally:
         await conn.close()
-    pending = newest - version
-    state = (
-        "up to date"
-        if pending == 0
-        else f"{pending} migration(s) pending, applied at the next start (or run `ponybot migrate`)"
-    )
-    waiting = sum(counts.get(s, 0) for s in ("queued", "running", "generated"))
-    report.ok(
-        f"{what}: PostgreSQL {server}, schema {version}, {state}; {sum(counts.values())} jobs, {waiting} open"
-    )
+    report.ok(f"{what}: PostgreSQL {server}, {_schema_and_jobs(version, newest, counts)}")
     return allowed
 
 
