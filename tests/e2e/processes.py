@@ -13,13 +13,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from conftest import PONYBOT_SCRIPT, bot_env
+from conftest import PONYBOT_SCRIPT, bot_env, wait_until_async
 from fake_discord import FakeDiscord
 
 from bot.jobs.pg_liveness import LIVE_WORKERS_SQL
@@ -170,15 +169,11 @@ class Cluster:
         return found[0]
 
     async def wait(self, check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-        """Poll the coroutine function `check` until truthy; AssertionError (with the logs) after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{self.logs()}")
-            await asyncio.sleep(0.05)
+        """`conftest.wait_until_async`, with every process's log in the AssertionError after `timeout`."""
+        try:
+            return await wait_until_async(check, timeout, f"{what} ({timeout:g} s)")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     async def wait_sync(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
         """`wait` for a plain function."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from test_queue import FakeClock  # the SQLite queue tests' hand-moved clock
 
 from bot.jobs import estimates
 from bot.jobs.models import Job, JobStatus, QueueFull, QueueLimits
@@ -19,16 +20,6 @@ from bot.jobs.pg_queue import PgJobQueue
 pytestmark = pytest.mark.postgres
 
 LOOSE = QueueLimits(max_open_per_user=10_000, max_queued=10_000, cooldown_s=0.0, lease_s=600.0)
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 OpenQueue = Callable[..., Awaitable[PgJobQueue]]
